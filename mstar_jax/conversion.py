@@ -1,0 +1,388 @@
+"""HF <-> Flax conversion: read an HF LLaVA checkpoint onto the mesh, write our checkpoint, export back to HF.
+
+A converted checkpoint directory holds:
+    mstar_checkpoint.json   our config, the source key layout, parameter dtypes
+    params/                 Orbax checkpoint of the parameters
+    extras.safetensors      tensors LLaVA does not use (e.g. SigLIP's pooling head), kept for the export
+    hf/                     config.json, tokenizer, processor and chat-template files of the source
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mstar_jax import sharding as shd
+from mstar_jax.errors import CheckpointError
+from mstar_jax.models.llava import keymap
+from mstar_jax.models.llava.config import LlavaConfig, load_hf_config
+from mstar_jax.models.llava.model import LlavaForConditionalGeneration, vision_layers_used
+from mstar_jax.models.mapping import Layout
+from mstar_jax.weights import SafetensorsReader, restore_params, save_params, write_safetensors
+
+log = logging.getLogger(__name__)
+
+META_NAME = "mstar_checkpoint.json"
+FORMAT = "mstar-jax/llava"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model on the mesh: config, NNX graph definition, flat params, unused tensors and HF side files."""
+
+    cfg: LlavaConfig
+    graphdef: Any
+    params: dict[tuple, jax.Array]
+    extras: dict[str, np.ndarray]
+    layout: str
+    hf_files: Path | None
+    mesh: Any
+
+    def model(self) -> LlavaForConditionalGeneration:
+        """The NNX module holding these params (cheap: shares the arrays)."""
+        return merge(self.graphdef, self.params)
+
+
+# ------------------------------------------------------------------------------------ model skeleton
+
+
+def abstract_model(cfg: LlavaConfig, dtype: Any = jnp.float32):
+    """(graphdef, {path: ShapeDtypeStruct}, {path: logical axes}) without allocating weights."""
+    model = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype))
+    graphdef, state = nnx.split(model)
+    shapes, axes = {}, {}
+    for path, var in nnx.to_flat_state(state):
+        shapes[path] = var.get_value()
+        axes[path] = var.get_metadata().get("axes") or (None,) * len(var.get_value().shape)
+    return graphdef, shapes, axes
+
+
+def merge(graphdef, params: dict[tuple, Any]) -> LlavaForConditionalGeneration:
+    """An NNX module from a graphdef and flat params {path: array} (works inside jit)."""
+    return nnx.merge(graphdef, nnx.from_flat_state(list(params.items())))
+
+
+def param_shardings(shapes: dict[tuple, Any], axes: dict[tuple, tuple], mesh) -> dict[tuple, Any]:
+    """NamedSharding per parameter from its logical axes."""
+    return {p: shd.named_sharding(mesh, axes[p], shapes[p].shape) for p in shapes}
+
+
+# ---------------------------------------------------------------------------------------- HF reading
+
+
+def _detect_layout(keys: list[str], rules) -> Layout:
+    """The layout under which the most keys map to a rule."""
+    best, best_hits = keymap.LAYOUTS[0], -1
+    for layout in keymap.LAYOUTS:
+        hits = 0
+        for k in keys:
+            canon = layout.to_canonical(k)
+            if canon is not None and any(r.match(canon) for r in rules):
+                hits += 1
+        if hits > best_hits:
+            best, best_hits = layout, hits
+    return best
+
+
+def _is_known_unused(canon: str, cfg: LlavaConfig) -> bool:
+    """Tensors a LLaVA forward never reads but a faithful export must keep."""
+    import re
+
+    if canon.startswith(("vision_tower.post_layernorm.", "vision_tower.head.")):
+        return True
+    m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", canon)
+    if m and int(m.group(1)) >= vision_layers_used(cfg):
+        return int(m.group(1)) < cfg.vision.num_layers
+    return canon == "lm_head.weight" and cfg.tie_word_embeddings
+
+
+def plan_hf_load(reader: SafetensorsReader, cfg: LlavaConfig, shapes: dict[tuple, Any]):
+    """Match every checkpoint tensor to a rule (or to the unused extras); check names and shapes.
+
+    Returns (layout, {our path: (rule, part, hf key)}, {canonical key: hf key} of extras).
+    """
+    rules = keymap.rules(cfg)
+    keys = reader.keys()
+    layout = _detect_layout(keys, rules)
+    plan: dict[tuple, tuple] = {}
+    extras: dict[str, str] = {}
+    unexpected = []
+    for key in keys:
+        canon = layout.to_canonical(key)
+        hit = None
+        if canon is not None:
+            for rule in rules:
+                m = rule.match(canon)
+                if m:
+                    hit = (rule, m)
+                    break
+        if hit is not None:
+            rule, m = hit
+            paths = rule.paths(m)
+            if all(p in shapes for p in paths):
+                expect = rule.hf_shape([shapes[p].shape for p in paths], cfg)
+                got = reader.shape(key)
+                if tuple(got) != tuple(expect):
+                    raise CheckpointError(
+                        f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(got)}, but config.json implies "
+                        f"{tuple(expect)}")
+                for part, p in enumerate(paths):
+                    plan[p] = (rule, part, key)
+                continue
+        if canon is not None and _is_known_unused(canon, cfg):
+            extras[canon] = key
+            continue
+        unexpected.append(key)
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) for a {cfg.text.family} "
+                              f"LLaVA with a {cfg.vision.family} tower ({layout.name} layout): {shown}")
+    missing = [p for p in shapes if p not in plan]
+    if missing:
+        names = []
+        for p in missing[:5]:
+            names.append(".".join(map(str, p)))
+        raise CheckpointError(f"{reader.dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. our "
+                              f"{', '.join(names)} (layout {layout.name})")
+    return layout, plan, extras
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+
+    table = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+             "I64": np.int64, "I32": np.int32}
+    if name not in table:
+        raise CheckpointError(f"unsupported tensor dtype {name}")
+    return table[name]
+
+
+def load_hf(hf_dir: str | Path, mesh=None, dtype: str | None = None) -> LoadedModel:
+    """Read an HF LLaVA directory straight onto the mesh: each device reads only its own slices."""
+    hf_dir = Path(hf_dir)
+    cfg = load_hf_config(hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    mesh = mesh if mesh is not None else shd.make_mesh()
+    graphdef, shapes, axes = abstract_model(cfg)
+    layout, plan, extra_keys = plan_hf_load(reader, cfg, shapes)
+    shardings = param_shardings(shapes, axes, mesh)
+    params = {}
+    for path, (rule, part, key) in plan.items():
+        src_dtype = _np_dtype(reader.dtype(key))
+        view = reader.slice(key)
+        shape = shapes[path].shape
+
+        def cb(index, rule=rule, part=part, view=view, shape=shape):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+            return rule.read_slice(view, part, index, cfg)
+
+        arr = jax.make_array_from_callback(shape, shardings[path], cb)
+        assert arr.dtype == src_dtype, (path, arr.dtype, src_dtype)
+        params[path] = arr
+    if dtype is not None:
+        params = cast_params(params, dtype)
+    extras = {canon: reader.read(key) for canon, key in extra_keys.items()}
+    log.info("loaded %s (%s layout, %d tensors, %d kept unused)", hf_dir, layout.name, len(plan), len(extras))
+    return LoadedModel(cfg, graphdef, params, extras, layout.name, hf_dir, mesh)
+
+
+def cast_params(params: dict[tuple, jax.Array], dtype: str | Any) -> dict[tuple, jax.Array]:
+    """Cast every parameter to `dtype` (keeps shardings)."""
+    dt = jnp.dtype(dtype)
+    return {p: (a.astype(dt) if a.dtype != dt else a) for p, a in params.items()}
+
+
+# ------------------------------------------------------------------------------ our checkpoint format
+
+
+def is_converted(path: str | Path) -> bool:
+    """True if `path` is a checkpoint written by `hf_to_flax`."""
+    return (Path(path) / META_NAME).is_file()
+
+
+def load_converted(ckpt_dir: str | Path, mesh=None, dtype: str | None = None) -> LoadedModel:
+    """Restore a converted checkpoint onto the mesh (Orbax places each shard on its devices)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META_NAME
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = LlavaConfig.from_json(json.dumps(meta["config"]))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path}: not a valid mstar-jax checkpoint description ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    mesh = mesh if mesh is not None else shd.make_mesh()
+    graphdef, shapes, axes = abstract_model(cfg)
+    dtypes = meta["param_dtypes"]
+    shardings = param_shardings(shapes, axes, mesh)
+    abstract = {}
+    for p, s in shapes.items():
+        name = ".".join(map(str, p))
+        if name not in dtypes:
+            raise CheckpointError(f"{meta_path}: no parameter {name} recorded; the checkpoint does not match its config")
+        abstract[p] = jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtypes[name]), sharding=shardings[p])
+    params = restore_params(ckpt_dir / "params", abstract)
+    if dtype is not None:
+        params = cast_params(params, dtype)
+    extras = {}
+    if (ckpt_dir / "extras.safetensors").is_file():
+        from safetensors.numpy import load_file
+
+        extras = load_file(str(ckpt_dir / "extras.safetensors"))
+    hf_files = ckpt_dir / "hf" if (ckpt_dir / "hf").is_dir() else None
+    return LoadedModel(cfg, graphdef, params, extras, meta.get("layout", keymap.DEFAULT_LAYOUT), hf_files, mesh)
+
+
+def load_any(path: str | Path, mesh=None, dtype: str | None = None) -> LoadedModel:
+    """Load an HF directory or a converted checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    return load_converted(path, mesh, dtype) if is_converted(path) else load_hf(path, mesh, dtype)
+
+
+class _Staging:
+    """Write into a temporary sibling of OUT_DIR and rename on success, so a failure leaves nothing partial."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool):
+        self.out = Path(out_dir)
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
+            raise CheckpointError(f"{self.out}: already exists and is not empty; pass --overwrite to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
+            self.out.rename(old)
+            self.tmp.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out)
+        return False
+
+
+def _copy_side_files(src: Path | None, dst: Path) -> None:
+    """Copy tokenizer/processor/config files (everything but weights) from an HF directory."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if src is None:
+        return
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, dst / f.name)
+
+
+def save_converted(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `loaded` as a converted checkpoint (atomically)."""
+    with _Staging(out_dir, overwrite) as tmp:
+        save_params(loaded.params, tmp / "params")
+        if jax.process_index() == 0:
+            if loaded.extras:
+                from safetensors.numpy import save_file
+
+                save_file(dict(loaded.extras), str(tmp / "extras.safetensors"))
+            _copy_side_files(loaded.hf_files, tmp / "hf")
+            meta = {
+                "format": FORMAT,
+                "version": 1,
+                "config": json.loads(loaded.cfg.to_json()),
+                "layout": loaded.layout,
+                "param_dtypes": {".".join(map(str, p)): str(a.dtype) for p, a in loaded.params.items()},
+            }
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def hf_to_flax(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False,
+               mesh=None) -> Path:
+    """`mstar convert hf-to-flax`: HF safetensors -> Orbax checkpoint + config + tokenizer/processor files."""
+    _refuse_existing(out_dir, overwrite)
+    loaded = load_hf(hf_dir, mesh, dtype)
+    return save_converted(loaded, out_dir, overwrite)
+
+
+def _refuse_existing(out_dir, overwrite: bool) -> None:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------------------- HF export
+
+
+def _host(a: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not a.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(jax.device_get(a))
+
+
+def hf_tensors(cfg: LlavaConfig, params: dict[tuple, Any], extras: dict[str, np.ndarray],
+               layout: str | Layout = keymap.DEFAULT_LAYOUT) -> dict[str, np.ndarray]:
+    """All HF tensors (named in `layout`) for our params plus the unused extras, via the key-map table."""
+    if isinstance(layout, str):
+        by_name = {lay.name: lay for lay in keymap.LAYOUTS}
+        if layout not in by_name:
+            raise CheckpointError(f"unknown key layout {layout!r}; known: {', '.join(by_name)}")
+        layout = by_name[layout]
+    out: dict[str, np.ndarray] = {}
+    used = vision_layers_used(cfg)
+    for rule in keymap.rules(cfg):
+        if r"(\d+)" in rule.hf:
+            count = cfg.text.num_layers if rule.hf.startswith("language_model") else used
+            indices = range(count)
+        else:
+            indices = [None]
+        for i in indices:
+            key = rule.hf_key(i)
+            m = rule.match(key)
+            arrays = [_host(params[p]) for p in rule.paths(m)]
+            out[layout.from_canonical(key)] = rule.to_hf(arrays, cfg)
+    for canon, arr in extras.items():
+        out[layout.from_canonical(canon)] = np.asarray(arr)
+    return out
+
+
+def export_hf(loaded: LoadedModel, out_dir: str | Path, layout: str | None = None, dtype: str | None = None,
+              max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
+    """Write an HF directory (sharded safetensors + index + config + tokenizer + processor + chat template)."""
+    if loaded.hf_files is None or not (Path(loaded.hf_files) / "config.json").is_file():
+        raise CheckpointError("the checkpoint has no HF config.json/tokenizer files to export with")
+    tensors = hf_tensors(loaded.cfg, loaded.params, loaded.extras, layout or loaded.layout)
+    if dtype is not None:
+        dt = jnp.dtype(dtype)
+        tensors = {k: v.astype(dt) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v
+                   for k, v in tensors.items()}
+    if jax.process_index() != 0:
+        return Path(out_dir)
+    with _Staging(out_dir, overwrite) as tmp:
+        _copy_side_files(Path(loaded.hf_files), tmp)
+        write_safetensors(tensors, tmp, max_shard_size)
+    return Path(out_dir)
+
+
+def flax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: str | None = None, dtype: str | None = None,
+               max_shard_size: str | int = "5GB", overwrite: bool = False, mesh=None) -> Path:
+    """`mstar convert flax-to-hf`: a converted (or trained) checkpoint -> an HF directory."""
+    _refuse_existing(out_dir, overwrite)
+    loaded = load_any(ckpt_dir, mesh)
+    return export_hf(loaded, out_dir, layout, dtype, max_shard_size, overwrite)

@@ -1,0 +1,105 @@
+"""The user-facing policy: `mstar_jax.load(path)` -> Policy with `.config`, `.processor`, `.logits(batch)`."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mstar_jax import sharding as shd
+from mstar_jax.conversion import LoadedModel, load_any, merge
+from mstar_jax.errors import MstarError
+from mstar_jax.models.llava.model import positions_from_mask
+
+
+def forward_logits(graphdef, params, input_ids, attention_mask, positions, pixel_values):
+    """Pure full forward: fp32 logits [B, T, V] (jit this; graphdef is static)."""
+    model = merge(graphdef, params)
+    logits, _ = model(input_ids, positions, attention_mask, pixel_values)
+    return logits
+
+
+class Policy:
+    """A loaded VLM on a mesh plus its HF processor; the object the sampler and trainer build on."""
+
+    def __init__(self, loaded: LoadedModel, processor: Any):
+        self.loaded = loaded
+        self.processor = processor
+        self.mesh = loaded.mesh
+
+    @property
+    def config(self):
+        """Our frozen model config."""
+        return self.loaded.cfg
+
+    @property
+    def params(self) -> dict[tuple, jax.Array]:
+        """Flat parameters {path: sharded jax.Array}."""
+        return self.loaded.params
+
+    @params.setter
+    def params(self, value: dict[tuple, jax.Array]) -> None:
+        self.loaded.params = value
+
+    @property
+    def graphdef(self):
+        """The NNX graph definition (static structure) of the model."""
+        return self.loaded.graphdef
+
+    @functools.cached_property
+    def _forward(self):
+        return jax.jit(functools.partial(forward_logits, self.graphdef))
+
+    def _put(self, x: np.ndarray, batch_axis: bool = True):
+        spec = ("batch",) + (None,) * (x.ndim - 1) if batch_axis else (None,) * x.ndim
+        return jax.device_put(x, shd.named_sharding(self.mesh, spec, x.shape))
+
+    def logits(self, batch: Mapping[str, Any]) -> np.ndarray:
+        """fp32 numpy logits [batch, seq, vocab] for a processor output (numpy or torch arrays)."""
+        arrays = {k: np.asarray(v) for k, v in batch.items() if v is not None and hasattr(v, "shape")}
+        if "input_ids" not in arrays:
+            raise MstarError("batch has no input_ids; pass the processor's output")
+        ids = arrays["input_ids"].astype(np.int32)
+        if ids.ndim != 2:
+            raise MstarError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        mask = arrays.get("attention_mask", np.ones_like(ids)).astype(np.int32)
+        positions = arrays.get("position_ids")
+        if positions is None:
+            positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
+        pixels = arrays.get("pixel_values")
+        n_image_tokens = int((ids == self.config.image_token_id).sum())
+        if pixels is not None:
+            expected = pixels.shape[0] * self.config.image_seq_length
+            if n_image_tokens != expected:
+                raise MstarError(f"image features and image tokens do not match: {n_image_tokens} image tokens "
+                                 f"in input_ids but {pixels.shape[0]} image(s) x {self.config.image_seq_length}")
+            pixels = self._put(pixels.astype(np.float32), batch_axis=False)
+        elif n_image_tokens:
+            raise MstarError(f"input_ids hold {n_image_tokens} image tokens but the batch has no pixel_values")
+        with shd.use_mesh(self.mesh):
+            out = self._forward(self.params, self._put(ids), self._put(mask), self._put(positions.astype(np.int32)),
+                                pixels)
+        if jax.process_count() > 1 and not out.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float32)
+        return np.asarray(jax.device_get(out), np.float32)
+
+
+def load_processor(path: str | Path | None):
+    """The HF processor (tokenizer, image processor, chat template) stored with a checkpoint."""
+    if path is None:
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
+
+
+def load(path: str | Path, dtype: str | None = "float32", mesh=None) -> Policy:
+    """Load an HF LLaVA directory or a converted checkpoint as a Policy on `mesh` (default: all devices, fsdp)."""
+    loaded = load_any(path, mesh, dtype)
+    return Policy(loaded, load_processor(loaded.hf_files))
