@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "mstar_jax.commands.bench",
     "mstar_jax.data.commands",
     "mstar_jax.commands.study",
+    "mstar_jax.commands.demo",
 )
 
 

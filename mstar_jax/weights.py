@@ -54,8 +54,7 @@ class SafetensorsReader:
         self._handles: dict[Path, Any] = {}
         if self.files is None:
             single = getattr(self, "_single", self.dir / SINGLE_NAME)
-            with safe_open(str(single), "np") as f:
-                self.files = {k: single for k in f.keys()}
+            self.files = {k: single for k in self._handle(single).keys()}
         missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
         if missing:
             raise CheckpointError(f"{index}: shard files listed in the index are missing: {', '.join(missing)}")

@@ -115,7 +115,8 @@ def build_hf_config(spec: TinySpec, tokenizer):
     text = cls(**text_kwargs)
     return T.LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=spec.vision_feature_layer,
+                         vision_feature_layer=(spec.vision_feature_layer if isinstance(spec.vision_feature_layer, int)
+                                               else list(spec.vision_feature_layer)),
                          vision_feature_select_strategy=spec.select_strategy,
                          projector_hidden_act=spec.projector_act,
                          tie_word_embeddings=spec.tie_word_embeddings,

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random HF LLaVA checkpoints built with transformers (no network), and batches for them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava  # noqa: E402
+
+# The three families the foundation must cover, each with a different mix of options.
+SPECS = {
+    # CLIP + Llama, untied head, Llama-3 rope scaling, CLS dropped ("default"), penultimate layer.
+    # head_dim set explicitly (not hidden / heads).
+    "clip_llama": TinySpec(vision="clip", text="llama", vision_layers=3, head_dim=24,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # SigLIP + Qwen2 (q/k/v bias), tied embeddings, all patches ("full"), last layer.
+    "siglip_qwen2": TinySpec(vision="siglip", text="qwen2", tie_word_embeddings=True, vision_feature_layer=-1,
+                             select_strategy="full", projector_act="gelu_pytorch_tanh", kv_heads=1),
+    # CLIP + Phi-3 (fused qkv / gate_up), longrope like Phi-3.5 (switches factors past 16 tokens),
+    # two vision feature layers concatenated.
+    "clip_phi3": TinySpec(vision="clip", text="phi3", heads=4, kv_heads=4, vision_feature_layer=(-3, -1),
+                          rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 16,
+                                        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                        "long_factor": [2.0 + 0.3 * i for i in range(8)]},
+                          max_position_embeddings=256),
+}
+
+PROMPTS = ["How many circles are there in the picture? Count them carefully.", "Which bar is tallest?"]
+
+
+def _build(tmp_path_factory, name: str, **kw) -> tuple[Path, object]:
+    path = tmp_path_factory.mktemp(name)
+    model = make_tiny_llava(path, SPECS[name], **kw)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{name: (hf_dir, torch model)} for every family in SPECS, built once per session."""
+    return {name: _build(tmp_path_factory, name) for name in SPECS}
+
+
+def random_images(seed: int = 0, sizes=((40, 52), (33, 30))):
+    """Deterministic random RGB PIL images of different sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def make_batch(processor, prompts=PROMPTS, images=None, padding_side="left"):
+    """Processor output (numpy) for one image + one prompt per row, through the chat template, padded."""
+    images = images if images is not None else random_images(0, [(40 + 7 * i, 52 - 5 * i) for i in range(len(prompts))])
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True)
+        for p in prompts]
+    processor.tokenizer.padding_side = padding_side
+    try:
+        return dict(processor(images=images, text=texts, return_tensors="np", padding=True))
+    finally:
+        processor.tokenizer.padding_side = "left"
+
+
+def hf_logits(model, batch) -> np.ndarray:
+    """Reference logits from the HF PyTorch model, with generate-style position ids."""
+    import torch
+
+    mask = batch["attention_mask"]
+    pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
+                    pixel_values=torch.tensor(batch["pixel_values"]), position_ids=torch.tensor(pos))
+    return out.logits.float().numpy()
