@@ -1,0 +1,57 @@
+"""Config files and command-line overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from mstar_jax.config import apply_override, diff_configs, load_config, parse_overrides
+from mstar_jax.errors import ConfigError
+
+CONFIG = '''
+from ml_collections import ConfigDict
+
+def get_config():
+    return ConfigDict({"seed": 0, "train": {"lr": 1e-6, "method": "continuous", "freeze_vision": False,
+                                             "interval": 0.25, "grid": [0.3, 0.4]}, "model": {"path": None}})
+'''
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_overrides_keep_types(cfg_file):
+    cfg = load_config(str(cfg_file), ["--config.train.lr=3e-4", "--config.seed", "7", "--config.train.method=rest_em",
+                                      "--config.train.freeze_vision=true", "--config.train.interval=1",
+                                      "--config.model.path=/ckpt", "--config.train.grid=[0.5,0.6]"])
+    assert cfg.train.lr == 3e-4 and cfg.seed == 7 and cfg.train.method == "rest_em"
+    assert cfg.train.freeze_vision is True and cfg.train.interval == 1.0 and isinstance(cfg.train.interval, float)
+    assert cfg.model.path == "/ckpt" and list(cfg.train.grid) == [0.5, 0.6]
+
+
+def test_unknown_key_lists_close_names(cfg_file):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*train\.lr"):
+        load_config(str(cfg_file), ["--config.train.lrr=1"])
+
+
+def test_bad_value_and_bad_argument(cfg_file):
+    cfg = load_config(str(cfg_file))
+    with pytest.raises(ConfigError, match="seed"):
+        apply_override(cfg, "seed", "many")
+    with pytest.raises(ConfigError, match="unrecognised"):
+        parse_overrides(["--lr=3"])
+
+
+def test_missing_config_file_names_known_configs(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.py"))
+
+
+def test_diff_configs_names_changed_keys(cfg_file):
+    a = load_config(str(cfg_file))
+    b = load_config(str(cfg_file), ["--config.train.lr=0.1"])
+    assert diff_configs(a, b) == ["train.lr: 1e-06 != 0.1"]
+    assert diff_configs(a, a) == []
