@@ -207,14 +207,21 @@ def cast_params(params: dict[tuple, jax.Array], dtype: str | Any) -> dict[tuple,
 # ------------------------------------------------------------------------------ our checkpoint format
 
 
+def _epath(path):
+    # etils.epath reads local paths and gs:// alike (Orbax uses it too).
+    from etils import epath
+
+    return epath.Path(path)
+
+
 def is_converted(path: str | Path) -> bool:
-    """True if `path` is a checkpoint written by `hf_to_flax`."""
-    return (Path(path) / META_NAME).is_file()
+    """True if `path` (local or gs://) is a checkpoint written by `hf_to_flax`."""
+    return (_epath(path) / META_NAME).exists()
 
 
 def load_converted(ckpt_dir: str | Path, mesh=None, dtype: str | None = None) -> LoadedModel:
-    """Restore a converted checkpoint onto the mesh (Orbax places each shard on its devices)."""
-    ckpt_dir = Path(ckpt_dir)
+    """Restore a converted checkpoint (local or gs://) onto the mesh (Orbax places each shard on its devices)."""
+    ckpt_dir = _epath(ckpt_dir)
     meta_path = ckpt_dir / META_NAME
     try:
         meta = json.loads(meta_path.read_text())
@@ -237,20 +244,36 @@ def load_converted(ckpt_dir: str | Path, mesh=None, dtype: str | None = None) ->
     if dtype is not None:
         params = cast_params(params, dtype)
     extras = {}
-    if (ckpt_dir / "extras.safetensors").is_file():
-        from safetensors.numpy import load_file
+    if (ckpt_dir / "extras.safetensors").exists():
+        from safetensors import safe_open
 
-        extras = load_file(str(ckpt_dir / "extras.safetensors"))
-    hf_files = ckpt_dir / "hf" if (ckpt_dir / "hf").is_dir() else None
+        local = _local_copy(ckpt_dir) / "extras.safetensors" if str(ckpt_dir).startswith("gs://") else None
+        with safe_open(str(local or ckpt_dir / "extras.safetensors"), "np") as f:
+            extras = {k: f.get_slice(k)[:] for k in f.keys()}
+    hf_files = _local_copy(ckpt_dir / "hf") if (ckpt_dir / "hf").is_dir() else None
     return LoadedModel(cfg, graphdef, params, extras, meta.get("layout", keymap.DEFAULT_LAYOUT), hf_files, mesh)
 
 
+def _local_copy(hf_dir) -> Path:
+    """Tokenizer/processor files as a local directory (transformers cannot read gs:// paths)."""
+    if not str(hf_dir).startswith("gs://"):
+        return Path(str(hf_dir))
+    local = Path(tempfile.mkdtemp(prefix="mstar-hf-files-"))
+    for f in hf_dir.iterdir():
+        if f.is_file():
+            (local / f.name).write_bytes(f.read_bytes())
+    return local
+
+
 def load_any(path: str | Path, mesh=None, dtype: str | None = None) -> LoadedModel:
-    """Load an HF directory or a converted checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
+    """Load an HF directory or a converted checkpoint (converted ones may live on gs://)."""
+    if is_converted(path):
+        return load_converted(path, mesh, dtype)
+    if str(path).startswith("gs://"):
+        raise CheckpointError(f"{path}: HF directories must be local; convert them first (mstar convert hf-to-flax)")
+    if not Path(path).is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    return load_converted(path, mesh, dtype) if is_converted(path) else load_hf(path, mesh, dtype)
+    return load_hf(path, mesh, dtype)
 
 
 class _Staging:

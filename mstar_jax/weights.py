@@ -162,7 +162,7 @@ def save_params(flat: dict[tuple, Any], directory: str | Path) -> None:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(directory).absolute(), nest(flat))
+        ckptr.save(_abs(directory), nest(flat))
         ckptr.wait_until_finished()
 
 
@@ -173,10 +173,16 @@ def restore_params(directory: str | Path, abstract: dict[tuple, Any]) -> dict[tu
     target = nest(abstract)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(Path(directory).absolute(), target)
+            restored = ckptr.restore(_abs(directory), target)
     except Exception as err:
         raise CheckpointError(f"{directory}: cannot restore parameters ({err})") from err
     return {path: _get(restored, path) for path in abstract}
+
+
+def _abs(directory):
+    from etils import epath
+
+    return epath.Path(directory) if str(directory).startswith("gs://") else Path(directory).absolute()
 
 
 def _get(tree: dict, path: tuple) -> Any:
