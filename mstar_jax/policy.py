@@ -90,6 +90,13 @@ class Policy:
         return np.asarray(jax.device_get(out), np.float32)
 
 
+    def generate(self, images, prompts, **kw):
+        """n samples per (image, prompt); keywords as `mstar_jax.sampler.Sampler.generate` (params=... optional)."""
+        from mstar_jax.sampler import generate
+
+        return generate(self, images, prompts, **kw)
+
+
 def load_processor(path: str | Path | None):
     """The HF processor (tokenizer, image processor, chat template) stored with a checkpoint."""
     if path is None:

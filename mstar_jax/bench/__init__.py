@@ -1,0 +1,1 @@
+"""Benchmarks behind `mstar bench`: each module measures one engine against its `transformers` reference."""

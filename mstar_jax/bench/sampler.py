@@ -1,0 +1,234 @@
+"""`mstar bench sampler`: our JAX sampler vs `transformers` generate on the same model, inputs and threads.
+
+Each measurement prints one JSON line: generated tokens/s of both engines and their ratio, our compile time
+(first call minus steady-state call) apart from the steady-state time, the peak RSS seen while each engine
+ran, and, for greedy decoding, whether both produced identical tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+# >= 20M parameters with a real-size vocabulary and LLaVA-1.5's 576 image tokens (336px, 14px patches);
+# a few minutes on 2 CPU cores.
+BENCH_SPEC = dict(vision="clip", text="llama", image_size=336, patch_size=14, vision_hidden=128, vision_layers=2,
+                  vision_heads=4, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8, vocab_size=32000,
+                  max_position_embeddings=2048)
+# For tests: seconds, not minutes.
+TINY_SPEC = dict(vision="clip", text="llama", layers=2, hidden=64, intermediate=128, vocab_size=400)
+
+QUESTIONS = [
+    "How many circles are there in the picture? Count them carefully and explain your reasoning step by step.",
+    "Which bar is the tallest?",
+    "What is the sum of the two numbers shown in the figure? Answer with a single number.",
+    "Describe the shape in the middle.",
+]
+
+
+def add_sampler_args(p) -> None:
+    """Flags of `mstar bench sampler`."""
+    p.add_argument("--model", default=None,
+                   help="HF LLaVA dir or converted checkpoint (default: build the bench model in --workdir)")
+    p.add_argument("--workdir", default="runs/bench", help="where the default bench model is built and kept")
+    p.add_argument("--size", default="bench", choices=["bench", "tiny"],
+                   help="default model size when --model is not given (tiny: for tests)")
+    p.add_argument("--prompts", type=int, default=1, help="distinct prompts (one image each)")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="for the `sample` mode")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
+    p.add_argument("--repeats", type=int, default=2, help="steady-state runs per engine (median is reported)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
+    p.add_argument("--skip-hf", action="store_true", help="only measure our sampler")
+
+
+class PeakRSS:
+    """Context manager: the highest resident set size (MiB) of this process while the block ran."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0.0
+        self._stop = threading.Event()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss / 2 ** 20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss / 2 ** 20
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss / 2 ** 20)
+
+
+def machine() -> dict:
+    """nproc and CPU model, for the record."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu}
+
+
+def bench_model(args) -> tuple[Path, Path]:
+    """(checkpoint for mstar_jax.load, HF dir for transformers): --model, or the default model built once."""
+    from mstar_jax.conversion import flax_to_hf, is_converted
+
+    if args.model:
+        path = Path(args.model)
+        if not is_converted(path):
+            return path, path
+        hf = Path(args.workdir) / (path.name + "-hf-export")
+        if not (hf / "config.json").is_file():
+            flax_to_hf(path, hf, overwrite=True)
+        return path, hf
+    import numpy as np
+
+    from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
+
+    spec = BENCH_SPEC if args.size == "bench" else TINY_SPEC
+    hf = Path(args.workdir) / f"{args.size}-hf"
+    if not (hf / "model.safetensors.index.json").is_file() and not (hf / "model.safetensors").is_file():
+        # A generated corpus of random words lets the BPE learn the full vocabulary size.
+        rng = np.random.default_rng(0)
+        letters = list("abcdefghijklmnopqrstuvwxyz")
+        words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(60000)]
+        corpus = [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)] + QUESTIONS
+        make_tiny_llava(hf, TinySpec(**spec), corpus=corpus)
+    return hf, hf
+
+
+def _images(count: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64 - 4 * i, 3), dtype=np.uint8)) for i in range(count)]
+
+
+def _hf_rows(out, prompt_len: int, eos: set[int]) -> list[list[int]]:
+    """Generated ids per row from HF's output, cut after the first stop id (HF pads finished rows)."""
+    rows = []
+    for row in out[:, prompt_len:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def bench_sampler(args) -> int:
+    """Run the measurements and print one JSON line per mode."""
+    import numpy as np
+    import torch
+
+    import mstar_jax
+    from mstar_jax.sampler import Sampler, build_prompts
+
+    torch.set_num_threads(args.threads)
+    ckpt, hf_dir = bench_model(args)
+    policy = mstar_jax.load(ckpt)
+    sampler = Sampler(policy.graphdef, policy.config, policy.processor, policy.mesh,
+                      max_rows=max(64, args.prompts * args.n))
+    n_params = sum(int(np.prod(a.shape)) for a in policy.params.values())
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
+    images = _images(args.prompts)
+    texts = build_prompts(policy.processor, questions, images)
+    policy.processor.tokenizer.padding_side = "left"
+    batch = dict(policy.processor(images=images, text=texts, return_tensors="np", padding=True))
+    eos = sampler.eos_ids()
+    hf_model = None
+    if not args.skip_hf:
+        import transformers
+
+        hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    import jax
+
+    base = {"bench": "sampler", "model": str(ckpt), "params_m": round(n_params / 1e6, 1), **machine(),
+            "threads": args.threads, "jax_devices": jax.device_count(), "prompts": args.prompts, "n": args.n,
+            "prompt_tokens": int(batch["input_ids"].shape[1]), "max_new_tokens": args.max_new_tokens}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        greedy = mode == "greedy"
+        kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, seed=0,
+                  temperature=0.0 if greedy else args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+        def ours():
+            return sampler.generate(policy.params, batch=batch, **kw)
+
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            first = ours()
+            first_s = time.perf_counter() - t0
+            steady = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                result = ours()
+                steady.append(time.perf_counter() - t0)
+        ours_rows = [s.token_ids for samples in result for s in samples]
+        ours_tokens = sum(len(r) for r in ours_rows)
+        ours_s = statistics.median(steady)
+        rec = {**base, "mode": mode, "temperature": kw["temperature"], "top_p": args.top_p, "top_k": args.top_k,
+               "ours_tokens": ours_tokens, "ours_first_call_s": round(first_s, 3),
+               "ours_compile_s": round(max(first_s - ours_s, 0.0), 3), "ours_steady_s": round(ours_s, 3),
+               "ours_tok_s": round(ours_tokens / ours_s, 1), "ours_peak_rss_mb": round(rss.peak, 1),
+               "ours_prefill_calls_per_run": sampler.prefill_calls // (args.repeats + 1)}
+        sampler.prefill_calls = 0
+        del first
+        if hf_model is not None:
+            rec.update(_bench_hf(hf_model, batch, args, kw, greedy, eos, ours_rows))
+            rec["ratio"] = ratio(rec)
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+def _bench_hf(model, batch, args, kw, greedy, eos, ours_rows) -> dict:
+    """Time transformers' generate (one warm-up run, then the median of --repeats) on the same batch."""
+    import torch
+
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    gen = dict(max_new_tokens=args.max_new_tokens, pad_token_id=model.generation_config.pad_token_id)
+    if greedy:
+        # HF refuses num_return_sequences > 1 without sampling; expanding the rows is what it does internally.
+        inputs = {k: v.repeat_interleave(args.n, dim=0) for k, v in inputs.items()}
+        gen.update(do_sample=False)
+    else:
+        gen.update(do_sample=True, temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],
+                   num_return_sequences=args.n)
+    prompt_len = inputs["input_ids"].shape[1]
+    with PeakRSS() as rss, torch.inference_mode():
+        torch.manual_seed(0)
+        model.generate(**inputs, **gen)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, **gen)
+            times.append(time.perf_counter() - t0)
+    rows = _hf_rows(out, prompt_len, eos)
+    hf_tokens = sum(len(r) for r in rows)
+    hf_s = statistics.median(times)
+    rec = {"hf_tokens": hf_tokens, "hf_s": round(hf_s, 3), "hf_tok_s": round(hf_tokens / hf_s, 1),
+           "hf_peak_rss_mb": round(rss.peak, 1)}
+    rec["greedy_identical"] = (rows == ours_rows) if greedy else None
+    return rec
+
+
+def ratio(rec: dict) -> float | None:
+    """ours / HF tokens per second."""
+    return round(rec["ours_tok_s"] / rec["hf_tok_s"], 2) if rec.get("hf_tok_s") else None

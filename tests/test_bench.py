@@ -1,0 +1,23 @@
+"""`mstar bench`: the sampler bench runs end to end on a tiny model and prints parseable JSON lines."""
+
+from __future__ import annotations
+
+import json
+
+SAMPLER_FIELDS = {"mode", "n", "prompts", "max_new_tokens", "ours_tok_s", "hf_tok_s", "ratio", "ours_compile_s",
+                  "ours_steady_s", "ours_first_call_s", "hf_s", "ours_peak_rss_mb", "hf_peak_rss_mb",
+                  "greedy_identical", "nproc", "cpu", "threads", "params_m"}
+
+
+def test_bench_sampler_prints_json_lines(tmp_path, capsys):
+    from mstar_jax.cli import main
+
+    assert main(["bench", "sampler", "--size", "tiny", "--workdir", str(tmp_path), "--n", "2", "--prompts", "2",
+                 "--max-new-tokens", "4", "--repeats", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in lines] == ["greedy", "sample"]
+    for rec in lines:
+        assert SAMPLER_FIELDS <= set(rec), SAMPLER_FIELDS - set(rec)
+        assert rec["ours_tok_s"] > 0 and rec["hf_tok_s"] > 0 and rec["ratio"] > 0
+        assert rec["ours_prefill_calls_per_run"] == 1
+    assert lines[0]["greedy_identical"] is True and lines[1]["greedy_identical"] is None
