@@ -37,8 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mstar` console script."""
+    import sys as _sys
+
+    from mstar_jax.commands.train import split_config_overrides
+
     parser = build_parser()
+    # `--config.key=value` overrides are free-form: take them out before argparse sees them.
+    argv, overrides = split_config_overrides(list(_sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    args.config_overrides = overrides
+    if overrides and args.command not in ("train", "study"):
+        parser.error(f"--config.* overrides only apply to `train` and `study`, not `{args.command}`")
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -1,0 +1,73 @@
+"""The embedded default: synthetic visual math, a tiny LLaVA pre-trained here, the full M-STaR recipe on CPU."""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    """Config of `mstar train` with no arguments."""
+    c = ConfigDict()
+    c.seed = 0
+
+    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    # Data: `synthetic` makes the dataset in the workdir; `files` reads MathV360K/MathVista-format files.
+    c.data = ConfigDict()
+    c.data.source = "synthetic"
+    c.data.root = ""  # dataset root for `files` (images are resolved inside it)
+    c.data.warmup = ""  # MathV360K-format JSON (questions with answers)
+    c.data.train = ""  # MathV360K-format JSON: the labeled query set
+    c.data.val = ""  # MathVista-format JSON: validation (temperature selection, dynamics)
+    c.data.test_id = ""  # in-domain test
+    c.data.test_ood = ""  # out-of-domain test (MathVista testmini in the paper)
+    c.data.synth_sizes = ConfigDict({"warmup": 256, "train": 512, "unlabeled": 0, "val": 48, "test_id": 128,
+                                     "test_ood": 128})
+    c.data.image_size = 56
+    c.data.max_prompt_tokens = 256
+
+    # Model: an HF LLaVA directory or a converted checkpoint; empty = build and pre-train the tiny demo model.
+    c.model = ConfigDict()
+    c.model.path = ""
+    c.model.dtype = "float32"
+    c.model.tiny = ConfigDict({"vision": "clip", "text": "llama", "image_size": 56, "patch_size": 14,
+                               "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "hidden": 192,
+                               "intermediate": 512, "layers": 4, "heads": 6, "kv_heads": 2, "vocab_size": 640})
+    c.model.pretrain = ConfigDict({"queries": 2048, "steps": 500, "batch_size": 32, "lr": 2e-3,
+                                   "cot_fraction": 0.15})
+
+    # Sampling.
+    c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0})
+
+    # Warm-up (paper 2.2): answer-hinted CoT rollouts, keep correct, SFT.
+    c.warmup = ConfigDict({"num_samples": 8, "temperature": 1.0, "max_examples": 4096, "max_per_query": 4,
+                           "epochs": 2, "lr": 5e-4})
+
+    # Self-evolving training (paper 3.2): rest_em | iterative_rft | continuous.
+    c.train = ConfigDict()
+    c.train.method = "continuous"
+    c.train.interval = 0.25  # fraction of the query set per iteration
+    c.train.passes = 1.0  # passes over the query set
+    c.train.num_samples = 8  # K rollouts per query
+    c.train.temperature = 1.0  # initial rollout temperature
+    c.train.max_per_query = 4  # M: at most this many correct responses per query
+    c.train.rerank_top = 2  # keep the scorer's top-N correct responses (0 = off)
+    c.train.lr = 3e-4
+    c.train.schedule = "constant"  # constant (after linear warm-up) | cosine
+    c.train.warmup_ratio = 0.1
+    c.train.weight_decay = 0.0
+    c.train.max_grad_norm = 1.0
+    c.train.global_batch = 32
+    c.train.micro_batch = 32
+    c.train.epochs = 1
+    c.train.total_steps = 0  # length of the continuous LR schedule (0 = estimate from the query set)
+    c.train.freeze_vision = False
+    c.train.compute_dtype = "float32"
+
+    # Dynamics (paper 4.1) and adaptive temperature (paper 4.2).
+    c.dynamics = ConfigDict({"num_samples": 4, "grid_low": 0.3, "grid_high": 1.6, "grid_step": 0.1,
+                             "every": 1, "scorer": "mean_logprob"})
+    c.adaptive = ConfigDict({"enabled": True, "every": 2})
+
+    c.eval = ConfigDict({"pass_k": 0})
+    c.checkpoint = ConfigDict({"max_to_keep": 2})
+    c.export = ConfigDict({"enabled": True, "dtype": ""})
+    return c

@@ -1,0 +1,24 @@
+"""Every stage of the loop at tiny sizes (the tests use it); about 2 minutes on 2 CPU cores."""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location("mstar_demo_config", pathlib.Path(__file__).with_name("demo.py"))
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+_demo = _module.get_config
+
+
+def get_config():
+    """The demo with tiny data, model, and sample counts."""
+    c = _demo()
+    c.data.synth_sizes.update({"warmup": 24, "train": 32, "unlabeled": 0, "val": 8, "test_id": 12, "test_ood": 12})
+    c.data.image_size = 28
+    c.model.tiny.update({"image_size": 28, "vision_hidden": 32, "vision_layers": 2, "hidden": 64,
+                         "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab_size": 400})
+    c.model.pretrain.update({"queries": 64, "steps": 20, "batch_size": 8})
+    c.sampling.update({"max_new_tokens": 16, "batch_size": 32})
+    c.warmup.update({"num_samples": 4, "epochs": 1})
+    c.train.update({"interval": 0.5, "num_samples": 4, "global_batch": 8, "micro_batch": 4})
+    c.dynamics.update({"num_samples": 2, "grid_low": 0.5, "grid_high": 1.0, "grid_step": 0.5})
+    return c

@@ -1,0 +1,62 @@
+"""The loop's query sets: the synthetic default (generated into the workdir) or the user's dataset files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mstar_jax.errors import DataError
+from mstar_jax.loop.rollouts import Query
+
+SPLITS = ("warmup", "train", "val", "test_id", "test_ood")
+
+
+def queries_from_records(records, root: Path) -> list[Query]:
+    """Records -> loop queries with absolute image paths (records without an image are not usable here)."""
+    out = []
+    for r in records:
+        if not r.images:
+            raise DataError(f"record {r.id}: the loop needs an image per question")
+        out.append(Query(r.id, tuple(str((root / p).resolve()) for p in r.images), r.to_item()))
+    return out
+
+
+def _synth(out: Path, seed: int, sizes: dict, image_size: int, say) -> Path:
+    from mstar_jax.data.synth import SynthConfig, generate
+
+    if not (out / "manifest.json").exists():
+        generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=image_size))
+        say(f"synthetic data: generated {sum(sizes.values())} items in {out}")
+    return out
+
+
+def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
+    """Every split the run needs (plus `pretrain` for the demo's own base model), read by the real readers."""
+    from mstar_jax.data.readers import read_dataset
+
+    d = cfg.data
+    if d.source == "synthetic":
+        root = _synth(workdir / "data", cfg.seed, d.synth_sizes.to_dict(), d.image_size, say)
+        files = {s: root / f"{s}.json" for s in SPLITS if d.synth_sizes.get(s)}
+    elif d.source == "files":
+        root = Path(d.root) if d.root else None
+        files = {s: Path(getattr(d, s)) for s in SPLITS if getattr(d, s)}
+        for s in ("train", "test_id"):
+            if s not in files:
+                raise DataError(f"data.source=files needs --config.data.{s}=PATH")
+    else:
+        raise DataError(f"data.source must be 'synthetic' or 'files', got {d.source!r}")
+    splits = {}
+    for name, path in files.items():
+        if not path.is_file():
+            raise DataError(f"{path}: data file for split {name!r} not found")
+        split_root = root if root is not None else path.parent
+        records, report = read_dataset(path, root=split_root)
+        if report.skipped:
+            say(f"{path}: {report.summary()}")
+        splits[name] = queries_from_records(records, split_root)
+    if not cfg.model.path:
+        p = cfg.model.pretrain
+        proot = _synth(workdir / "data_pretrain", cfg.seed + 1000, {"warmup": int(p.queries)}, d.image_size, say)
+        records, _ = read_dataset(proot / "warmup.json", root=proot)
+        splits["pretrain"] = queries_from_records(records, proot)
+    return splits

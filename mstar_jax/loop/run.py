@@ -1,0 +1,228 @@
+"""`mstar train`: the whole recipe as resumable stages in one workdir.
+
+    data -> base model -> base eval -> warm-up (rollouts, SFT, eval) -> self-evolving iterations -> final eval
+         -> report.md, plots, export/
+
+Each stage writes its outputs atomically and is skipped when they exist, so the same command on the same
+workdir continues where it stopped (also after `kill -9`); the iterations resume from the last Orbax checkpoint
+and reuse rollouts already written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from mstar_jax.config import diff_configs
+from mstar_jax.errors import ConfigError
+from mstar_jax.reporting import write_atomic
+
+
+class Console:
+    """One clear line per stage, with elapsed time."""
+
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+def check_workdir_config(cfg, workdir: Path) -> None:
+    """Refuse a workdir made with another config (naming the keys that differ); record it otherwise."""
+    path = workdir / "config.json"
+    current = json.loads(cfg.to_json())
+    if path.exists():
+        previous = json.loads(path.read_text())
+        diffs = diff_configs(previous, current)
+        if diffs:
+            raise ConfigError(f"{workdir} was made with a different config; differing keys: " + "; ".join(diffs)
+                              + ". Use a new --workdir or the original config.")
+    else:
+        write_atomic(path, json.dumps(current, indent=1, sort_keys=True))
+
+
+def stage_records(results: dict[str, dict]) -> list[dict]:
+    """metrics.jsonl records of the evaluation stages (rebuilt from their result files on resume)."""
+    out = []
+    for stage, res in results.items():
+        for split in ("test_id", "test_ood"):
+            if split in res:
+                out.append({"stage": f"eval/{stage}", "split": split, "accuracy": res[split]["accuracy"],
+                            **{f"task/{k}": v for k, v in res[split]["per_task"].items()}})
+    return out
+
+
+class IterationCheckpoints:
+    """The Orbax manager of the self-evolving run, saving one checkpoint per iteration boundary."""
+
+    def __init__(self, directory: Path, max_to_keep: int):
+        from mstar_jax.checkpointing import CheckpointManager
+
+        self.manager = CheckpointManager(directory, max_to_keep=max_to_keep, save_interval_steps=1)
+        self.manager.install_preemption_handler()
+
+    def restore(self, template_state):
+        """(state, loop metadata) of the latest iteration, or None."""
+        from mstar_jax.checkpointing import abstract_like
+
+        if self.manager.latest_step() is None:
+            return None
+        return self.manager.restore(abstract_state=abstract_like(template_state))
+
+    def save_iteration(self, state, loop) -> None:
+        """Save after an iteration (step key = iterations completed) and wait, so a kill loses nothing."""
+        self.manager.save(loop.iteration, state, loop.to_json())
+        self.manager.wait()
+        if self.manager.preempted:
+            raise SystemExit(f"preempted: saved iteration {loop.iteration}; rerun the same command to resume")
+
+    def close(self) -> None:
+        """Finish pending saves."""
+        self.manager.close()
+
+
+def run_train(cfg, workdir: str | Path) -> dict:
+    """Run (or resume) the full recipe; returns the evaluation results by stage."""
+    from mstar_jax import sharding
+    from mstar_jax.conversion import LoadedModel, load_any, save_converted
+    from mstar_jax.loop import data as loop_data
+    from mstar_jax.loop.base_model import build_base_model
+    from mstar_jax.loop.dynamics import MeanLogprobScorer
+    from mstar_jax.loop.evaluate import evaluate_stage
+    from mstar_jax.loop.self_evolve import LoopState, SelfEvolvingRun, continuous_schedule_steps
+    from mstar_jax.loop.sft import Trainer
+    from mstar_jax.loop.warmup import warmup_examples, warmup_rollouts
+    from mstar_jax.policy import Policy, load_processor
+    from mstar_jax.reporting import MetricsLog, plot_dynamics
+    from mstar_jax.sampler import sampler_for
+
+    say = Console()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir_config(cfg, workdir)
+    sharding.initialize_distributed()
+    mesh = sharding.mesh_from_config(cfg)
+
+    splits = loop_data.load_splits(cfg, workdir, say)
+    say("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+
+    base_path = Path(cfg.model.path) if cfg.model.path else build_base_model(cfg, workdir, splits["pretrain"], say)
+    policy = Policy(load_any(base_path, mesh, cfg.model.dtype or None), None)
+    policy.processor = load_processor(policy.loaded.hf_files)
+    sampler = sampler_for(policy)
+    say(f"base model: {base_path} ({sum(a.size for a in policy.params.values()) / 1e6:.1f}M parameters)")
+
+    results = {"base": evaluate_stage(sampler, policy.params, splits, cfg, workdir / "results" / "base.json", "base")}
+    say(f"base eval: {_acc_line(results['base'])}")
+
+    # ------------------------------------------------------------------------------------------- warm-up
+    warm_dir = workdir / "warmup_ckpt"
+    if (warm_dir / "mstar_checkpoint.json").exists():
+        warm = load_any(warm_dir, mesh, None)
+        say(f"warm-up: reusing {warm_dir}")
+    else:
+        rollouts = warmup_rollouts(sampler, policy.params, splits["warmup"], cfg, workdir / "rollouts" / "warmup.jsonl")
+        examples = warmup_examples(splits["warmup"], rollouts, cfg)
+        solved = sum(any(r.correct) for r in rollouts)
+        say(f"warm-up rollouts: {len(examples)} correct hinted CoT responses from {solved}/{len(rollouts)} queries")
+        if not examples:
+            raise ConfigError("warm-up found no correct response: the base model never reproduced the hinted "
+                              "answer; raise warmup.num_samples or check the answer checker on your data")
+        wcfg = cfg.warmup
+        trainer = Trainer(policy, _section(cfg.train, lr=wcfg.lr), total_steps=1,
+                          max_length=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens, seed=cfg.seed)
+        steps = trainer.num_steps(len(examples), wcfg.epochs)
+        state = trainer.fresh_state(policy.params, steps)
+        state, m = trainer.fit(state, examples, wcfg.epochs, seed=cfg.seed + 5, desc="warm-up SFT", total_steps=steps)
+        say(f"warm-up SFT: {m['train_steps']} steps, mean loss {m['loss']:.3f}")
+        warm = LoadedModel(policy.loaded.cfg, policy.graphdef, state.params, policy.loaded.extras,
+                           policy.loaded.layout, policy.loaded.hf_files, mesh)
+        save_converted(warm, warm_dir, overwrite=True)
+    results["warmup"] = evaluate_stage(sampler, warm.params, splits, cfg, workdir / "results" / "warmup.json",
+                                       "warmup")
+    say(f"+warm-up eval: {_acc_line(results['warmup'])}")
+
+    # ------------------------------------------------------------------------------------ self-evolving
+    final_path = workdir / "results" / "final.json"
+    run_results = run_self_evolving(cfg, workdir, policy, warm, splits, sampler, stage_records(results), say,
+                                    final_path)
+    results["final"] = run_results
+    finish(cfg, workdir, policy, results, say)
+    return results
+
+
+def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_records, say, final_path: Path):
+    """The iterations of `cfg.train.method` from the warm-up params; returns the final evaluation."""
+    from mstar_jax.loop.dynamics import MeanLogprobScorer
+    from mstar_jax.loop.evaluate import evaluate_stage
+    from mstar_jax.loop.self_evolve import LoopState, SelfEvolvingRun, continuous_schedule_steps
+    from mstar_jax.loop.sft import Trainer
+    from mstar_jax.reporting import MetricsLog
+
+    trainer = Trainer(policy, cfg.train, total_steps=1,
+                      max_length=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens, seed=cfg.seed)
+    trainer.total_steps = continuous_schedule_steps(cfg, len(splits["train"]), trainer)
+    template = trainer.fresh_state(warm.params)
+    ckpts = IterationCheckpoints(workdir / "checkpoints", cfg.checkpoint.max_to_keep)
+    restored = ckpts.restore(template)
+    if restored is None:
+        state, loop = template, LoopState(temperature=float(cfg.train.temperature))
+    else:
+        state, meta = restored
+        loop = LoopState(**meta)
+        say(f"resuming after iteration {loop.iteration} (T={loop.temperature:g})")
+    metrics = MetricsLog(workdir, records=list(prior_records) + loop.records)
+    run = SelfEvolvingRun(cfg, workdir, policy, trainer, warm.params, splits["train"], splits.get("val", []),
+                          MeanLogprobScorer(), metrics, ckpts)
+    say(f"self-evolving: {cfg.train.method}, {run.num_iterations} iterations of {cfg.train.interval:.2%} of "
+        f"{len(splits['train'])} queries, K={cfg.train.num_samples}, "
+        f"{'adaptive' if cfg.adaptive.enabled else 'fixed'} temperature from T={loop.temperature:g}, "
+        f"LR schedule of {trainer.total_steps} steps")
+    state, loop = run.run(state, loop)
+    ckpts.close()
+    final = evaluate_stage(sampler, state.params, splits, cfg, final_path, cfg.train.method)
+    for rec in stage_records({"final": final}):
+        metrics.log(rec, step=int(state.step))
+    metrics.close()
+    say(f"final eval: {_acc_line(final)}")
+    run.final_params = state.params
+    _FINAL[str(workdir)] = (state.params, loop)
+    return final
+
+
+_FINAL: dict[str, tuple] = {}
+
+
+def finish(cfg, workdir: Path, policy, results: dict, say) -> None:
+    """report.md, dynamics plots and the HF export."""
+    from mstar_jax.conversion import LoadedModel, export_hf
+    from mstar_jax.loop.report import write_report
+    from mstar_jax.reporting import plot_dynamics
+
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    plots = plot_dynamics(records, workdir / "plots")
+    write_report(workdir / "report.md", {"base": results["base"], "+warm-up": results["warmup"],
+                                         cfg.train.method + (" + adaptive T" if cfg.adaptive.enabled else ""):
+                                         results["final"]}, records, plots)
+    say(f"report: {workdir / 'report.md'}; plots: {len(plots)} in {workdir / 'plots'}")
+    if cfg.export.enabled and str(workdir) in _FINAL:
+        params, _ = _FINAL[str(workdir)]
+        final = LoadedModel(policy.loaded.cfg, policy.graphdef, params, policy.loaded.extras, policy.loaded.layout,
+                            policy.loaded.hf_files, policy.mesh)
+        export_hf(final, workdir / "export", dtype=cfg.export.dtype or None, overwrite=True)
+        say(f"exported the final policy for transformers: {workdir / 'export'}")
+
+
+def _acc_line(res: dict) -> str:
+    return ", ".join(f"{k} {res[k]['accuracy']:.1f}%" for k in ("test_id", "test_ood") if k in res)
+
+
+def _section(section, **overrides):
+    """A copy of a config section with some values replaced (for the warm-up's own learning rate)."""
+    copy = section.copy_and_resolve_references()
+    with copy.unlocked():
+        for k, v in overrides.items():
+            copy[k] = v
+    return copy

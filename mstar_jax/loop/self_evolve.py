@@ -1,0 +1,212 @@
+"""Self-evolving iterations (paper 3.2): rest_em / iterative_rft / continuous on one code path, with resume.
+
+Iteration i: take the i-th slice of the query set (interval = a fraction of it), sample K responses at the
+current temperature, keep correct ones (de-duplicated, top-N by the scorer, at most M), fine-tune, measure the
+dynamics on the validation set over the temperature grid, maybe adapt the temperature, and checkpoint
+(params, optimizer state, step, RNG, iteration, temperature, metrics). The methods differ only in what the
+fine-tuning starts from:
+
+    rest_em        warm-up params, fresh optimizer and schedule every iteration
+    iterative_rft  last params, fresh optimizer and schedule every iteration
+    continuous     last params, the one optimizer state and LR schedule of the whole run
+
+Every random choice is derived from (seed, iteration), so re-running an iteration after a crash reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mstar_jax.errors import ConfigError
+from mstar_jax.loop import prompts as P
+from mstar_jax.loop.dynamics import DynamicsInput, dynamics_metrics
+from mstar_jax.loop.rollouts import Query, make_rollouts, read_rollouts, sample_queries, write_rollouts
+from mstar_jax.loop.selection import select_responses
+from mstar_jax.loop.temperature import choose_temperature, temperature_grid
+
+log = logging.getLogger(__name__)
+METHODS = ("rest_em", "iterative_rft", "continuous")
+INTERVALS = (0.0625, 0.125, 0.25, 0.5, 1.0)
+
+
+def iterations_per_pass(interval: float) -> int:
+    """How many iterations one pass over the queries takes (6.25 % -> 16)."""
+    if not 0 < interval <= 1:
+        raise ConfigError(f"train.interval must be in (0, 1], got {interval}")
+    return max(1, round(1 / interval))
+
+
+def iteration_slice(num_queries: int, interval: float, iteration: int, seed: int) -> np.ndarray:
+    """Query indices of an iteration: a seeded permutation per pass, cut into disjoint, covering slices."""
+    per_pass = iterations_per_pass(interval)
+    pass_index, k = divmod(iteration, per_pass)
+    perm = np.random.default_rng([seed, 7919, pass_index]).permutation(num_queries)
+    bounds = np.linspace(0, num_queries, per_pass + 1).round().astype(int)
+    return perm[bounds[k]:bounds[k + 1]]
+
+
+def total_iterations(interval: float, passes: float) -> int:
+    """Iterations in a run of `passes` passes over the query set."""
+    return max(1, int(math.ceil(iterations_per_pass(interval) * passes)))
+
+
+def continuous_schedule_steps(cfg, num_queries: int, trainer) -> int:
+    """Length of the one LR schedule of a continuous run: `train.total_steps`, or an estimate that assumes
+    half of the K samples are kept (at most M per query) for every query of every iteration."""
+    if getattr(cfg.train, "total_steps", 0):
+        return int(cfg.train.total_steps)
+    iters = total_iterations(cfg.train.interval, cfg.train.passes)
+    per_query = min(cfg.train.max_per_query or cfg.train.num_samples, max(1, cfg.train.num_samples // 2))
+    per_iter = num_queries / iterations_per_pass(cfg.train.interval) * per_query
+    return iters * trainer.num_steps(max(1, int(per_iter)), cfg.train.epochs)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries between iterations besides the train state (saved as checkpoint metadata)."""
+
+    iteration: int = 0
+    temperature: float = 1.0
+    records: list[dict] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def training_examples(queries: Sequence[Query], rollouts, cfg) -> list[tuple[Query, str, str]]:
+    """(query, CoT prompt, response) pairs chosen from the rollouts of one iteration."""
+    by_id = {q.id: q for q in queries}
+    out = []
+    for r in rollouts:
+        keep = select_responses(r.texts, r.correct, r.scores, cfg.train.rerank_top or None,
+                                cfg.train.max_per_query)
+        q = by_id[r.query_id]
+        out += [(q, P.cot_prompt(q.item), r.texts[i]) for i in keep]
+    return out
+
+
+def measure_dynamics(sampler, params, val: Sequence[Query], cfg, scorer, iteration: int) -> list[dict]:
+    """Greedy, Pass@K, Pass@K-Greedy, Reward-Pass@2 on the validation set at each grid temperature."""
+    from mstar_jax.loop.rollouts import check_samples
+
+    d = cfg.dynamics
+    common = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.batch_size,
+                  top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, progress=True)
+    greedy = sample_queries(sampler, params, val, P.cot_prompt, n=1, temperature=0.0, seed=0,
+                            desc=f"dynamics it{iteration} greedy", **common)
+    greedy_ok = np.array([c[0] for c in check_samples(val, greedy)], bool)
+    rows = []
+    for t_index, t in enumerate(temperature_grid(d.grid_low, d.grid_high, d.grid_step)):
+        samples = sample_queries(sampler, params, val, P.cot_prompt, n=d.num_samples, temperature=t,
+                                 seed=_seed(cfg.seed, 31, iteration, t_index), desc=f"dynamics it{iteration} T={t:g}",
+                                 **common)
+        correct = np.array(check_samples(val, samples), bool)
+        scores = np.array(scorer.score([q.item for q in val], samples), float)
+        m = dynamics_metrics(DynamicsInput(greedy_ok, correct, scores))
+        rows.append({"stage": "dynamics", "iteration": iteration, "temperature": t, "scorer": scorer.name, **m})
+    return rows
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.default_rng([int(p) for p in parts]).integers(0, 2**31 - 1))
+
+
+class SelfEvolvingRun:
+    """Drives the iterations of one method from a warm-up checkpoint, resuming from the workdir."""
+
+    def __init__(self, cfg, workdir: Path, policy, trainer, warmup_params, queries: Sequence[Query],
+                 val: Sequence[Query], scorer, metrics_log, ckpt_manager):
+        if cfg.train.method not in METHODS:
+            raise ConfigError(f"train.method {cfg.train.method!r} is not one of {', '.join(METHODS)}")
+        self.cfg, self.workdir, self.policy, self.trainer = cfg, Path(workdir), policy, trainer
+        self.warmup_params, self.queries, self.val = warmup_params, list(queries), list(val)
+        self.scorer, self.log, self.ckpt = scorer, metrics_log, ckpt_manager
+        from mstar_jax.sampler import sampler_for
+
+        self.sampler = sampler_for(policy)
+        self.num_iterations = total_iterations(cfg.train.interval, cfg.train.passes)
+
+    def rollouts_path(self, iteration: int) -> Path:
+        """Where an iteration's rollouts live (reused on resume)."""
+        return self.workdir / "rollouts" / f"iter_{iteration:04d}.jsonl"
+
+    def rollouts(self, params, iteration: int, temperature: float):
+        """Generate (or reuse) the iteration's rollouts."""
+        path = self.rollouts_path(iteration)
+        if path.exists():
+            log.info("iteration %d: reusing %s", iteration, path)
+            return read_rollouts(path)
+        idx = iteration_slice(len(self.queries), self.cfg.train.interval, iteration, self.cfg.seed)
+        queries = [self.queries[i] for i in idx]
+        s = self.cfg.sampling
+        samples = sample_queries(self.sampler, params, queries, P.cot_prompt, n=self.cfg.train.num_samples,
+                                 temperature=temperature, seed=_seed(self.cfg.seed, 17, iteration),
+                                 max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, top_p=s.top_p,
+                                 top_k=s.top_k, desc=f"iteration {iteration} rollouts T={temperature:g}")
+        rollouts = make_rollouts(queries, samples, P.cot_prompt, self.scorer)
+        write_rollouts(path, rollouts)
+        return rollouts
+
+    def run(self, state, loop: LoopState):
+        """Run the remaining iterations; returns the final train state and loop state."""
+        cfg = self.cfg
+        adaptive = bool(cfg.adaptive.enabled)
+        while loop.iteration < self.num_iterations:
+            i = loop.iteration
+            rollouts = self.rollouts(state.params, i, loop.temperature)
+            n_correct = sum(any(r.correct) for r in rollouts)
+            examples = training_examples(self.queries, rollouts, cfg)
+            record = {"stage": "iteration", "iteration": i, "method": cfg.train.method,
+                      "temperature": loop.temperature, "queries": len(rollouts), "queries_with_correct": n_correct,
+                      "samples_correct": float(np.mean([c for r in rollouts for c in r.correct] or [0.0])),
+                      "examples": len(examples)}
+            # Continuous keeps the run-long schedule; the others restart a schedule sized to this iteration.
+            schedule = None if cfg.train.method == "continuous" else self.trainer.num_steps(
+                max(1, len(examples)), cfg.train.epochs)
+            if cfg.train.method == "rest_em":
+                state = self.trainer.fresh_state(self.warmup_params, schedule)
+            elif cfg.train.method == "iterative_rft":
+                state = self.trainer.fresh_state(state.params, schedule)
+            if examples:
+                state, train_metrics = self.trainer.fit(state, examples, epochs=cfg.train.epochs,
+                                                        seed=_seed(cfg.seed, 23, i),
+                                                        desc=f"iteration {i} training", total_steps=schedule)
+                record.update(train_metrics)
+            else:
+                print(f"iteration {i}: no correct response among {len(rollouts)} queries; nothing to train on, "
+                      "the policy is unchanged", flush=True)
+            self.log.log(record, step=int(state.step))
+            loop.records.append(self.log.records[-1])
+            need_dynamics = (cfg.dynamics.every and (i + 1) % cfg.dynamics.every == 0) or (
+                adaptive and (i + 1) % cfg.adaptive.every == 0) or i + 1 == self.num_iterations
+            if need_dynamics and self.val:
+                rows = measure_dynamics(self.sampler, state.params, self.val, cfg, self.scorer, i + 1)
+                for row in rows:
+                    self.log.log(row, step=int(state.step))
+                    loop.records.append(self.log.records[-1])
+                if adaptive:
+                    choice = choose_temperature(i + 1, loop.temperature,
+                                                {r["temperature"]: r["reward_pass@2"] for r in rows},
+                                                every=cfg.adaptive.every)
+                    if (i + 1) % cfg.adaptive.every == 0:
+                        print(f"adaptive temperature: {choice.reason}", flush=True)
+                        self.log.log({"stage": "temperature", "iteration": i + 1, "temperature": choice.temperature,
+                                      "changed": choice.changed, "reason": choice.reason}, step=int(state.step))
+                        loop.records.append(self.log.records[-1])
+                    loop.temperature = choice.temperature
+            loop.iteration = i + 1
+            self.ckpt.save_iteration(state, loop)
+            best = max((r["reward_pass@2"] for r in loop.records
+                        if r.get("stage") == "dynamics" and r.get("iteration") == i + 1), default=None)
+            print(f"iteration {i + 1}/{self.num_iterations}: {len(examples)} examples from {n_correct}/"
+                  f"{len(rollouts)} solved queries, loss {record.get('loss', float('nan')):.4f}, "
+                  f"next T={loop.temperature:g}" + (f", best val reward_pass@2 {best:.3f}" if best is not None else ""),
+                  flush=True)
+        return state, loop

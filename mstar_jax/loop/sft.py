@@ -1,0 +1,67 @@
+"""Fine-tuning on selected (query, prompt, response) examples with the jitted SFT step of `mstar_jax.training`."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from mstar_jax.loop.rollouts import load_images
+from mstar_jax.optim import OptimConfig, make_optimizer
+from mstar_jax.sft_batch import sft_batch
+from mstar_jax.training import TrainState, create_train_state, make_train_step
+
+
+class Trainer:
+    """Builds batches from examples and runs SFT steps; one TrainStep (and its compiled code) per schedule."""
+
+    def __init__(self, policy, train_cfg, *, total_steps: int, max_length: int, seed: int = 0):
+        self.policy, self.train_cfg, self.max_length, self.seed = policy, train_cfg, max_length, seed
+        self.global_batch = int(train_cfg.global_batch)
+        self.micro_batch = int(train_cfg.micro_batch or train_cfg.global_batch)
+        self.total_steps = max(1, int(total_steps))
+        self._steps: dict[int, object] = {}
+
+    def optim(self, total_steps: int) -> OptimConfig:
+        """The optimizer config for a schedule of `total_steps` updates."""
+        return OptimConfig.from_config(self.train_cfg, total_steps)
+
+    def step_fn(self, total_steps: int):
+        """The (cached) jitted step for a schedule length."""
+        if total_steps not in self._steps:
+            self._steps[total_steps] = make_train_step(
+                self.policy.graphdef, self.optim(total_steps), self.policy.mesh, micro_batch=self.micro_batch,
+                compute_dtype=getattr(self.train_cfg, "compute_dtype", "float32"))
+        return self._steps[total_steps]
+
+    def fresh_state(self, params, total_steps: int | None = None) -> TrainState:
+        """A new optimizer state and schedule position over `params` (an explicit reset)."""
+        tx = make_optimizer(self.optim(total_steps or self.total_steps))
+        return create_train_state(params, tx, seed=self.seed)
+
+    def num_steps(self, num_examples: int, epochs: float) -> int:
+        """Updates needed to see every example `epochs` times at the global batch size."""
+        return max(1, math.ceil(num_examples * epochs / self.global_batch))
+
+    def fit(self, state: TrainState, examples: Sequence[tuple], epochs: float, seed: int, desc: str = "training",
+            total_steps: int | None = None) -> tuple[TrainState, dict]:
+        """Train on (query, prompt, response) examples in shuffled global batches; returns state and mean metrics."""
+        from tqdm.auto import tqdm
+
+        steps = self.num_steps(len(examples), epochs)
+        step_fn = self.step_fn(total_steps or self.total_steps)
+        rng = np.random.default_rng(seed)
+        order = np.concatenate([rng.permutation(len(examples))
+                                for _ in range(math.ceil(steps * self.global_batch / len(examples)))])
+        losses, tokens = [], 0
+        for s in tqdm(range(steps), desc=desc, unit="step", leave=False):
+            rows = [examples[i] for i in order[s * self.global_batch:(s + 1) * self.global_batch]]
+            batch = sft_batch(self.policy.processor, [r[1] for r in rows], [r[2] for r in rows],
+                              [load_images(r[0].images)[0] for r in rows], pad_to_multiple=16,
+                              max_length=self.max_length)
+            state, metrics = step_fn(state, batch)
+            losses.append(metrics["loss"])
+            tokens += int(batch["loss_mask"].sum())
+        return state, {"loss": float(np.mean(losses)), "train_steps": steps, "train_tokens": tokens,
+                       "lr": float(metrics.get("lr", float("nan")))}

@@ -1,0 +1,31 @@
+"""Iteration slicing and the three methods' starting points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mstar_jax.errors import ConfigError
+from mstar_jax.loop.self_evolve import iteration_slice, iterations_per_pass, total_iterations
+
+
+@pytest.mark.parametrize("interval,expected", [(0.0625, 16), (0.125, 8), (0.25, 4), (0.5, 2), (1.0, 1)])
+def test_interval_sets_iterations_per_pass(interval, expected):
+    assert iterations_per_pass(interval) == expected
+
+
+def test_slices_of_one_pass_are_disjoint_and_cover_the_queries():
+    n = 1000
+    slices = [iteration_slice(n, 0.0625, i, seed=3) for i in range(16)]
+    assert all(len(s) in (62, 63) for s in slices)
+    allidx = np.concatenate(slices)
+    assert len(allidx) == n and len(np.unique(allidx)) == n
+    # The next pass reshuffles, and the same (seed, iteration) always gives the same slice.
+    assert not np.array_equal(iteration_slice(n, 0.0625, 16, 3), slices[0])
+    np.testing.assert_array_equal(iteration_slice(n, 0.0625, 5, 3), slices[5])
+
+
+def test_total_iterations_and_bad_interval():
+    assert total_iterations(0.25, 2.0) == 8
+    with pytest.raises(ConfigError):
+        iterations_per_pass(0.0)
