@@ -91,6 +91,11 @@ def machine() -> dict:
 
 def bench_model(args) -> tuple[Path, Path]:
     """(checkpoint for mstar_jax.load, HF dir for transformers): --model, or the default model built once."""
+    return bench_checkpoint(args, BENCH_SPEC if args.size == "bench" else TINY_SPEC, f"{args.size}-hf")
+
+
+def bench_checkpoint(args, spec: dict, name: str) -> tuple[Path, Path]:
+    """--model (exported to HF once if it is a converted checkpoint), or a random model of `spec` built once."""
     from mstar_jax.conversion import flax_to_hf, is_converted
 
     if args.model:
@@ -105,8 +110,7 @@ def bench_model(args) -> tuple[Path, Path]:
 
     from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
 
-    spec = BENCH_SPEC if args.size == "bench" else TINY_SPEC
-    hf = Path(args.workdir) / f"{args.size}-hf"
+    hf = Path(args.workdir) / name
     if not (hf / "model.safetensors.index.json").is_file() and not (hf / "model.safetensors").is_file():
         # A generated corpus of random words lets the BPE learn the full vocabulary size.
         rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from mstar_jax.bench.sampler import BENCH_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, machine
+from mstar_jax.bench.sampler import BENCH_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, bench_checkpoint, machine
 
 # The sampler's >= 20M-parameter bench model (8 x 512 Llama, 32k vocabulary) with 56px images (16 image
 # tokens), so a global batch of 128 short SFT examples takes seconds, not minutes, per step on 2 cores.
@@ -42,29 +42,8 @@ def add_train_args(p) -> None:
 
 def bench_model(args) -> tuple[Path, Path]:
     """(checkpoint for mstar_jax.load, HF dir for transformers): --model, or the default model built once."""
-    import numpy as np
-
-    from mstar_jax.conversion import flax_to_hf, is_converted
-    from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
-
-    if args.model:
-        path = Path(args.model)
-        if not is_converted(path):
-            return path, path
-        hf = Path(args.workdir) / (path.name + "-hf-export")
-        if not (hf / "config.json").is_file():
-            flax_to_hf(path, hf, overwrite=True)
-        return path, hf
     spec = TRAIN_BENCH_SPEC if args.size == "bench" else TRAIN_TINY_SPEC
-    hf = Path(args.workdir) / f"train-{args.size}-hf"
-    if not (hf / "model.safetensors.index.json").is_file() and not (hf / "model.safetensors").is_file():
-        # Random words let the BPE learn the full vocabulary size (as the sampler bench does).
-        rng = np.random.default_rng(0)
-        letters = list("abcdefghijklmnopqrstuvwxyz")
-        words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(60000)]
-        corpus = [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)] + QUESTIONS
-        make_tiny_llava(hf, TinySpec(**spec), corpus=corpus)
-    return hf, hf
+    return bench_checkpoint(args, spec, f"train-{args.size}-hf")
 
 
 def make_batch(processor, n: int, response_words: int, seed: int = 0) -> dict:
