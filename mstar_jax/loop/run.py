@@ -99,12 +99,12 @@ def run_train(cfg, workdir: str | Path) -> dict:
     from mstar_jax.sampler import sampler_for
 
     say = Console()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir_config(cfg, workdir)
     if not cfg.model.path and cfg.data.source != "synthetic":
         raise ConfigError("model.path is empty: set --config.model.path to an HF LLaVA directory or a converted "
                           "checkpoint (only the synthetic demo builds its own tiny base model)")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir_config(cfg, workdir)
     sharding.initialize_distributed()
     mesh = sharding.mesh_from_config(cfg)
 
