@@ -89,13 +89,10 @@ def run_train(cfg, workdir: str | Path) -> dict:
     from mstar_jax.conversion import LoadedModel, load_any, save_converted
     from mstar_jax.loop import data as loop_data
     from mstar_jax.loop.base_model import build_base_model
-    from mstar_jax.loop.dynamics import MeanLogprobScorer
     from mstar_jax.loop.evaluate import evaluate_stage
-    from mstar_jax.loop.self_evolve import LoopState, SelfEvolvingRun, continuous_schedule_steps
     from mstar_jax.loop.sft import Trainer
     from mstar_jax.loop.warmup import warmup_examples, warmup_rollouts
     from mstar_jax.policy import Policy, load_processor
-    from mstar_jax.reporting import MetricsLog, plot_dynamics
     from mstar_jax.sampler import sampler_for
 
     say = Console()
@@ -149,15 +146,14 @@ def run_train(cfg, workdir: str | Path) -> dict:
 
     # ------------------------------------------------------------------------------------ self-evolving
     final_path = workdir / "results" / "final.json"
-    run_results = run_self_evolving(cfg, workdir, policy, warm, splits, sampler, stage_records(results), say,
-                                    final_path)
-    results["final"] = run_results
-    finish(cfg, workdir, policy, results, say)
+    results["final"], final_params = run_self_evolving(cfg, workdir, policy, warm, splits, sampler,
+                                                       stage_records(results), say, final_path)
+    finish(cfg, workdir, policy, final_params, results, say)
     return results
 
 
 def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_records, say, final_path: Path):
-    """The iterations of `cfg.train.method` from the warm-up params; returns the final evaluation."""
+    """The iterations of `cfg.train.method` from the warm-up params; returns (final evaluation, final params)."""
     from mstar_jax.loop.dynamics import MeanLogprobScorer
     from mstar_jax.loop.evaluate import evaluate_stage
     from mstar_jax.loop.self_evolve import LoopState, SelfEvolvingRun, continuous_schedule_steps
@@ -190,15 +186,10 @@ def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_r
         metrics.log(rec, step=int(state.step))
     metrics.close()
     say(f"final eval: {_acc_line(final)}")
-    run.final_params = state.params
-    _FINAL[str(workdir)] = (state.params, loop)
-    return final
+    return final, state.params
 
 
-_FINAL: dict[str, tuple] = {}
-
-
-def finish(cfg, workdir: Path, policy, results: dict, say) -> None:
+def finish(cfg, workdir: Path, policy, params, results: dict, say) -> None:
     """report.md, dynamics plots and the HF export."""
     from mstar_jax.conversion import LoadedModel, export_hf
     from mstar_jax.loop.report import write_report
@@ -210,8 +201,7 @@ def finish(cfg, workdir: Path, policy, results: dict, say) -> None:
                                          cfg.train.method + (" + adaptive T" if cfg.adaptive.enabled else ""):
                                          results["final"]}, records, plots)
     say(f"report: {workdir / 'report.md'}; plots: {len(plots)} in {workdir / 'plots'}")
-    if cfg.export.enabled and str(workdir) in _FINAL:
-        params, _ = _FINAL[str(workdir)]
+    if cfg.export.enabled:
         final = LoadedModel(policy.loaded.cfg, policy.graphdef, params, policy.loaded.extras, policy.loaded.layout,
                             policy.loaded.hf_files, policy.mesh)
         export_hf(final, workdir / "export", dtype=cfg.export.dtype or None, overwrite=True)
