@@ -9,7 +9,7 @@ import numpy as np
 
 from mstar_jax.loop.rollouts import load_images
 from mstar_jax.optim import OptimConfig, make_optimizer
-from mstar_jax.sft_batch import sft_batch
+from mstar_jax.sft_batch import pad_examples, sft_example
 from mstar_jax.training import TrainState, create_train_state, make_train_step
 
 
@@ -55,11 +55,17 @@ class Trainer:
         order = np.concatenate([rng.permutation(len(examples))
                                 for _ in range(math.ceil(steps * self.global_batch / len(examples)))])
         losses, tokens = [], 0
+        encoded: dict[int, dict] = {}  # each example is decoded and tokenised once, however many epochs
+        tok = self.policy.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for s in tqdm(range(steps), desc=desc, unit="step", leave=False):
-            rows = [examples[i] for i in order[s * self.global_batch:(s + 1) * self.global_batch]]
-            batch = sft_batch(self.policy.processor, [r[1] for r in rows], [r[2] for r in rows],
-                              [load_images(r[0].images)[0] for r in rows], pad_to_multiple=16,
-                              max_length=self.max_length)
+            idx = order[s * self.global_batch:(s + 1) * self.global_batch]
+            for i in idx:
+                if i not in encoded:
+                    q, prompt, response = examples[i]
+                    encoded[i] = sft_example(self.policy.processor, prompt, response, load_images(q.images)[0],
+                                             self.max_length)
+            batch = pad_examples([encoded[i] for i in idx], int(pad), "right", pad_to_multiple=16)
             state, metrics = step_fn(state, batch)
             losses.append(metrics["loss"])
             tokens += int(batch["loss_mask"].sum())
