@@ -159,13 +159,8 @@ def _count(rng, level, ood):
                 skills=["arithmetic reasoning"], context="synthetic scene")
 
 
-def _bars(rng, level, ood):
-    n_bars = int(rng.integers(3, 5 if level < 3 else 6))
-    vmax = {1: 5, 2: 10, 3: 15}[level] + (10 if ood else 0)
-    names = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n_bars]]
-    vals = [int(rng.integers(1, vmax + 1)) for _ in names]
-    img, draw = _canvas()
-    x0, y0, x1, y1 = 34, 14, 214, 200
+def _chart_axes(draw, x0, y0, x1, y1, vmax) -> float:
+    """Grid lines, tick labels and both axes of a chart from 0 to vmax; returns pixels per unit."""
     unit = (y1 - y0) / vmax
     tick = 1 if vmax <= 10 else (2 if vmax <= 20 else 5)
     for t in range(0, vmax + 1, tick):
@@ -174,6 +169,17 @@ def _bars(rng, level, ood):
         _text(draw, (x0 - 14, y), str(t), size=11)
     draw.line([x0, y0, x0, y1], fill=(0, 0, 0), width=2)
     draw.line([x0, y1, x1, y1], fill=(0, 0, 0), width=2)
+    return unit
+
+
+def _bars(rng, level, ood):
+    n_bars = int(rng.integers(3, 5 if level < 3 else 6))
+    vmax = {1: 5, 2: 10, 3: 15}[level] + (10 if ood else 0)
+    names = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n_bars]]
+    vals = [int(rng.integers(1, vmax + 1)) for _ in names]
+    img, draw = _canvas()
+    x0, y0, x1, y1 = 34, 14, 214, 200
+    unit = _chart_axes(draw, x0, y0, x1, y1, vmax)
     w = (x1 - x0) / n_bars
     for i, (c, v) in enumerate(zip(names, vals)):
         draw.rectangle([x0 + w * i + 6, y1 - v * unit, x0 + w * (i + 1) - 6, y1], fill=COLORS[c])
@@ -220,14 +226,7 @@ def _line(rng, level, ood):
     vals = [int(rng.integers(0, vmax + 1)) for _ in range(n)]
     img, draw = _canvas()
     x0, y0, x1, y1 = 34, 14, 210, 196
-    unit = (y1 - y0) / vmax
-    tick = 1 if vmax <= 10 else (2 if vmax <= 20 else 5)
-    for t in range(0, vmax + 1, tick):
-        y = y1 - t * unit
-        draw.line([x0, y, x1, y], fill=(220, 220, 220))
-        _text(draw, (x0 - 14, y), str(t), size=11)
-    draw.line([x0, y0, x0, y1], fill=(0, 0, 0), width=2)
-    draw.line([x0, y1, x1, y1], fill=(0, 0, 0), width=2)
+    unit = _chart_axes(draw, x0, y0, x1, y1, vmax)
     xs = [x0 + (x1 - x0) * (i + 0.5) / n for i in range(n)]
     pts = [(x, y1 - v * unit) for x, v in zip(xs, vals)]
     draw.line(pts, fill=COLORS["blue"], width=3)
