@@ -66,6 +66,7 @@ def plot_dynamics(records: list[dict], out_dir: str | Path, scorer: str = "mean_
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,7 @@ def plot_dynamics(records: list[dict], out_dir: str | Path, scorer: str = "mean_
         title = metric if metric != "reward_pass@2" else f"Reward-Pass@2 (ranked by {scorer})"
         ax.set_title(title)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("% of validation queries")
         if chosen and metric == "reward_pass@2":
             ax.text(0.01, 0.01, "chosen T: " + ", ".join(f"{it}:{t:g}" for it, t in chosen), fontsize=7,
