@@ -281,8 +281,7 @@ class _Staging:
 
     def __init__(self, out_dir: str | Path, overwrite: bool):
         self.out = Path(out_dir)
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
-            raise CheckpointError(f"{self.out}: already exists and is not empty; pass --overwrite to replace it")
+        _refuse_existing(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> Path:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 from mstar_jax.answers import check_answer, extract_answer
+from mstar_jax.reporting import write_atomic
 
 # MathVista metadata.task -> the abbreviations of its paper and leaderboard.
 TASK_ABBREV = {"figure question answering": "FQA", "geometry problem solving": "GPS", "math word problem": "MWP",
@@ -135,21 +135,14 @@ def markdown_table(result: dict, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(result: dict, out_dir: str | Path, title: str = "") -> dict[str, Path]:
     """Write results.json (metrics), results.md (table) and responses.jsonl (every response); return paths."""
     out = Path(out_dir)
     metrics = {k: v for k, v in result.items() if k != "per_item"}
     paths = {"json": out / "results.json", "markdown": out / "results.md", "responses": out / "responses.jsonl"}
-    _atomic_write(paths["json"], json.dumps(metrics, indent=1, sort_keys=True))
-    _atomic_write(paths["markdown"], markdown_table(result, title))
-    _atomic_write(paths["responses"], "".join(json.dumps(r, sort_keys=True) + "\n" for r in result["per_item"]))
+    write_atomic(paths["json"], json.dumps(metrics, indent=1, sort_keys=True))
+    write_atomic(paths["markdown"], markdown_table(result, title))
+    write_atomic(paths["responses"], "".join(json.dumps(r, sort_keys=True) + "\n" for r in result["per_item"]))
     return paths
 
 

@@ -6,10 +6,9 @@ Pickled checkpoints (`pytorch_model.bin`, `*.pt`) are refused: unpickling runs a
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -137,15 +136,6 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str | Path, max_s
     return names
 
 
-def iter_flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """Yield (path, leaf) of a nested dict."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from iter_flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
 def nest(flat: dict[tuple, Any]) -> dict:
     """Nested dict with string keys (Orbax-friendly) from {path: leaf}."""
     out: dict = {}
@@ -190,7 +180,3 @@ def _get(tree: dict, path: tuple) -> Any:
         tree = tree[str(p)]
     return tree
 
-
-def param_count(shapes: dict[tuple, tuple[int, ...]]) -> int:
-    """Number of scalars in a {path: shape} dict."""
-    return sum(math.prod(s) for s in shapes.values())

@@ -7,15 +7,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from mstar_jax.evaluation import task_of
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.rollouts import Query, check_samples, sample_queries
 from mstar_jax.reporting import write_atomic
-
-
-def task_of(q: Query) -> str:
-    """The item's task / category for per-task columns."""
-    meta = q.item.get("metadata") or {}
-    return str(meta.get("task") or meta.get("category") or q.item.get("task") or "all")
 
 
 def greedy_eval(sampler, params, queries: Sequence[Query], cfg, desc: str) -> dict:
@@ -26,7 +21,7 @@ def greedy_eval(sampler, params, queries: Sequence[Query], cfg, desc: str) -> di
     correct = [c[0] for c in check_samples(queries, samples)]
     per_task = defaultdict(list)
     for q, c in zip(queries, correct):
-        per_task[task_of(q)].append(c)
+        per_task[task_of(q.item)].append(c)
     return {"accuracy": 100.0 * sum(correct) / max(1, len(correct)), "n": len(correct),
             "per_task": {t: 100.0 * sum(v) / len(v) for t, v in sorted(per_task.items())},
             "responses": [{"id": q.id, "response": ss[0].text, "correct": c}

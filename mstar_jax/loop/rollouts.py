@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 
 
 
@@ -100,7 +99,3 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
     """Rollouts written by `write_rollouts`."""
     return [Rollout(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
 
-
-def accuracy(correct: Sequence[bool]) -> float:
-    """Mean of booleans (0 for none)."""
-    return float(np.mean(correct)) if len(correct) else 0.0
