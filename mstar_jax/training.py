@@ -108,32 +108,43 @@ def schedule_position(state: TrainState) -> int:
 # ------------------------------------------------------------------------------------------------ loss
 
 
-def response_loss_sum(model, batch: dict[str, jax.Array], num_targets: int) -> jax.Array:
-    """Sum over response tokens of -log p(token | prefix); only `num_targets` positions per row hit the LM head.
+def response_loss_sum(model, batch: dict[str, jax.Array], num_targets: int, groups: int = 1) -> jax.Array:
+    """Sum over response tokens of -log p(token | prefix); only `num_targets` positions per row group hit the LM head.
 
     Target t (predicted from position t-1) counts where loss_mask[t] is set. The vocabulary projection and
-    softmax run only on each row's first `num_targets` such positions (a static bound >= the longest
-    response), not on the prompt and image tokens, which is most of an SFT sequence.
+    softmax run only on the targets, packed: the rows are split into `groups` runs of consecutive rows (one
+    per batch shard, so the packing stays shard-local) and each group's first `num_targets` target positions
+    (a static bound >= a group's target count) go to the head. Prompt, image and padding positions, most of
+    an SFT sequence, never do.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     feats = None if batch.get("pixel_values") is None else model.image_features(batch["pixel_values"])
     h, _ = model.hidden_states(model.embed(ids, feats), positions_from_mask(mask), mask)
-    w = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    # Stable sort puts the target positions first, in order; padding slots beyond a row's count get weight 0.
+    w = batch["loss_mask"][:, 1:].astype(jnp.float32).reshape(groups, -1)
+    h = h[:, :-1].reshape(groups, -1, h.shape[-1])
+    y = ids[:, 1:].reshape(groups, -1)
+    # Stable sort puts the target positions first, in order; slots beyond a group's count get weight 0.
     order = jnp.argsort((w == 0).astype(jnp.int32), axis=1, stable=True)[:, :num_targets]
-    h_sel = jnp.take_along_axis(h[:, :-1], order[..., None], axis=1)
-    y = jnp.take_along_axis(ids[:, 1:], order, axis=1)
+    h_sel = jnp.take_along_axis(h, order[..., None], axis=1)
+    y = jnp.take_along_axis(y, order, axis=1)
     w_sel = jnp.take_along_axis(w, order, axis=1)
     logits = model.logits_from_hidden(h_sel)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * w_sel)
 
 
-def num_targets_bound(loss_mask: np.ndarray, multiple: int = 16) -> int:
-    """Static per-row target count for the step: the longest response, rounded up to limit recompiles."""
+def num_targets_bound(loss_mask: np.ndarray, multiple: int = 16, groups: int = 1) -> int:
+    """Static target count for `response_loss_sum`: the most targets in one row group, rounded up to a bucket.
+
+    `loss_mask` is [rows, T] or [micro_steps, rows, T] (the bound covers every micro-batch). Buckets are
+    multiples of `multiple`, coarsened to 1/8 of the power of two below the count (<= 12.5% padding), so
+    steps with similar response lengths share one compiled shape.
+    """
     lm = np.asarray(loss_mask)
-    longest = int(lm.reshape(-1, lm.shape[-1])[:, 1:].sum(-1).max(initial=0))
-    return max(1, min(lm.shape[-1] - 1, -(-longest // multiple) * multiple))
+    lm = lm.reshape(-1, groups, lm.shape[-2] // groups, lm.shape[-1])[..., 1:]
+    most = int(lm.sum(axis=(-2, -1)).max(initial=0))
+    step = max(multiple, 2 ** max(most.bit_length() - 4, 0))
+    return max(1, min(lm.shape[-3] * lm.shape[-2] * lm.shape[-1], -(-most // step) * step))
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -141,7 +152,7 @@ def num_targets_bound(loss_mask: np.ndarray, multiple: int = 16) -> int:
 
 def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_targets: int,
                      frozen: Callable[[tuple], bool] = lambda p: False, compute_dtype: Any = jnp.float32,
-                     param_shardings: dict | None = None) -> tuple[jax.Array, Params, jax.Array]:
+                     param_shardings: dict | None = None, groups: int = 1) -> tuple[jax.Array, Params, jax.Array]:
     """(global mean loss, fp32 grads of the trainable params, target count) over a [micro_steps, micro, ...] batch."""
     order = list(params)
     train_paths = [p for p in order if not frozen(p)]
@@ -163,7 +174,7 @@ def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_
     def micro_loss(train, micro):
         model = merge(graphdef, {p: (train[p] if p in train else frozen_c[p]) for p in order})
         # Dividing by the global token count makes the summed micro-batch grads the global-batch mean.
-        return response_loss_sum(model, micro, num_targets) / n_tokens
+        return response_loss_sum(model, micro, num_targets, groups) / n_tokens
 
     def body(carry, micro):
         loss_acc, grad_acc = carry
@@ -177,10 +188,10 @@ def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_
 
 
 def _train_update(graphdef, tx, schedule, frozen: Callable[[tuple], bool], compute_dtype, param_shardings,
-                  state: TrainState, batch: dict[str, jax.Array], num_targets: int):
+                  state: TrainState, batch: dict[str, jax.Array], num_targets: int, groups: int):
     """One optimizer update from a [micro_steps, micro, ...] batch (pure; jitted by TrainStep)."""
     loss, grads, n_tokens = accumulate_grads(graphdef, state.params, batch, num_targets, frozen, compute_dtype,
-                                             param_shardings)
+                                             param_shardings, groups)
     grad_norm = optax.tree.norm(grads)
     lr = schedule(schedule_count(state.opt_state))
     order = list(state.params)
@@ -207,12 +218,12 @@ def _jitted_update(graphdef, optim: OptimConfig, compute_dtype, state_treedef, s
     tx, schedule = make_optimizer(optim), make_schedule(optim)
     pshard = state_sh.params if mesh is not None and mesh.size > 1 else None
 
-    def update(state, batch, num_targets):
+    def update(state, batch, num_targets, groups):
         return _train_update(graphdef, tx, schedule, optim.is_frozen, compute_dtype, pshard, state, batch,
-                             num_targets)
+                             num_targets, groups)
 
     out = (state_sh, _replicated(mesh)) if mesh is not None else None
-    return jax.jit(update, static_argnums=2, donate_argnums=0, out_shardings=out)
+    return jax.jit(update, static_argnums=(2, 3), donate_argnums=0, out_shardings=out)
 
 
 def _canonical(sharding):
@@ -239,8 +250,13 @@ class TrainStep:
         leaves, treedef = jax.tree.flatten(jax.tree.map(lambda a: _canonical(a.sharding), state))
         return _jitted_update(self.graphdef, self.optim, self.compute_dtype, treedef, tuple(leaves))
 
-    def put_batch(self, batch: dict[str, Any]) -> tuple[dict[str, jax.Array], int]:
-        """Host batch [B, ...] -> device batch [B/micro, micro, ...] sharded over (data, fsdp); + target bound."""
+    def loss_groups(self, rows: int) -> int:
+        """Row groups the LM-head targets are packed in: one per batch shard of a micro-batch (else 1)."""
+        shards = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return shards if rows % shards == 0 else 1
+
+    def put_batch(self, batch: dict[str, Any]) -> tuple[dict[str, jax.Array], int, int]:
+        """Host batch [B, ...] -> device batch [B/micro, micro, ...] sharded over (data, fsdp); + target bound, groups."""
         arrays = {k: np.asarray(batch[k]) for k in BATCH_KEYS if batch.get(k) is not None}
         for k in ("input_ids", "attention_mask", "loss_mask"):
             if k not in arrays:
@@ -252,7 +268,9 @@ class TrainStep:
         if "pixel_values" in arrays and arrays["pixel_values"].shape[0] != b:
             raise TrainingError(f"SFT batches need exactly one image per row: {arrays['pixel_values'].shape[0]} "
                                 f"images for {b} rows")
-        num_targets = num_targets_bound(arrays["loss_mask"], self.targets_multiple)
+        groups = self.loss_groups(micro)
+        num_targets = num_targets_bound(arrays["loss_mask"].reshape(b // micro, micro, -1), self.targets_multiple,
+                                        groups)
         out = {}
         for k, a in arrays.items():
             a = a.astype(np.float32 if k == "pixel_values" else np.int32).reshape(b // micro, micro, *a.shape[1:])
@@ -261,15 +279,15 @@ class TrainStep:
             else:
                 spec = (None, "batch") + (None,) * (a.ndim - 2)
                 out[k] = jax.device_put(a, shd.named_sharding(self.mesh, spec, a.shape))
-        return out, num_targets
+        return out, num_targets, groups
 
     def __call__(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, float]]:
         """Apply one update; raises TrainingError (with `.state`, unchanged) on a non-finite loss/grad norm."""
         update = self._update_fn(state)
-        device_batch, num_targets = self.put_batch(batch)
+        device_batch, num_targets, groups = self.put_batch(batch)
         step = int(state.step)
         with shd.use_mesh(self.mesh):
-            new_state, metrics = update(state, device_batch, num_targets)
+            new_state, metrics = update(state, device_batch, num_targets, groups)
         metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
         if not metrics.pop("ok"):
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]

@@ -165,13 +165,14 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def logits_from_hidden(self, h: Array) -> Array:
         """Vocabulary logits in fp32 from decoder hidden states."""
+        # One 2-D matmul over flattened rows (see L.Linear: keeps XLA:CPU's weight gradient transpose-free).
+        rows = h.reshape(-1, h.shape[-1])
         if self.cfg.tie_word_embeddings:
             w = self.language_model.embed_tokens[...].astype(h.dtype)
-            logits = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+            logits = jax.lax.dot_general(rows, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("btd,dv->btv", h, self.lm_head.kernel[...].astype(h.dtype),
-                                preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "act_vocab"))
+            logits = jnp.dot(rows, self.lm_head.kernel[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits.reshape(*h.shape[:-1], -1), ("batch", "seq", "act_vocab"))
 
     def __call__(self, input_ids: Array, positions: Array, kv_valid: Array, pixel_values: Array | None = None,
                  cache: list[L.KVCache] | None = None, write_index: Array | int = 0):
