@@ -7,6 +7,7 @@ axis names in its `axes` metadata; `mstar_jax.sharding` maps them onto the mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -224,14 +225,50 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, scal
     """Softmax attention with GQA; q [B,T,H,D], k/v [B,S,K,D], mask [B,1,T,S] bool; fp32 softmax."""
     b, t, h, d = q.shape
     kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        big_neg = jnp.finfo(jnp.float32).min
-        scores = jnp.where(mask[:, :, None, :, :], scores, big_neg)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, v.shape[-1])
+    # [B, K, G*T, D]: the G query heads of a kv head share one plain batched matmul with it.
+    qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, h // kh * t, d)
+    # An additive mask (as HF's eager attention) has no gradient, unlike a select over the scores.
+    bias = jnp.zeros((b, 1, t, k.shape[1]), jnp.float32) if mask is None else \
+        jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
+    out = _attend(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, scale)
+    return out.reshape(b, kh, h // kh, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
+
+
+def _attention_probs(qg: Array, kt: Array, bias: Array, scale: float) -> Array:
+    """fp32 softmax(q k^T * scale + bias) [B, K, G*T, S] for grouped queries and a [B, 1, T, S] bias."""
+    b, kh, gt, _ = qg.shape
+    t, s_len = bias.shape[-2:]
+    s = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
+    s = s.reshape(b, kh, gt // t, t, s_len) + bias[:, :, None]
+    return jax.nn.softmax(s, axis=-1).reshape(b, kh, gt, s_len)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(qg: Array, kt: Array, vt: Array, bias: Array, scale: float) -> Array:
+    """softmax(q k^T * scale + bias) v over [B, K, ., D] operands, with a hand-written backward."""
+    return jnp.einsum("bkqs,bksd->bkqd", _attention_probs(qg, kt, bias, scale).astype(vt.dtype), vt)
+
+
+def _attend_fwd(qg, kt, vt, bias, scale):
+    p = _attention_probs(qg, kt, bias, scale)
+    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(vt.dtype), vt)
+    return out, (qg, kt, vt, p, out)
+
+
+def _attend_bwd(scale, res, dout):
+    # Autodiff of the softmax reduces p * dp over the keys; sum_s p*dp == sum_d out*dout reduces over
+    # head_dim instead, and the additive bias needs no gradient: ~2x faster backward on XLA:CPU.
+    qg, kt, vt, p, out = res
+    dv = jnp.einsum("bkqs,bkqd->bksd", p.astype(vt.dtype), dout)
+    dp = jnp.einsum("bkqd,bksd->bkqs", dout, vt, preferred_element_type=jnp.float32)
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta) * scale).astype(qg.dtype)
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, kt)
+    dk = jnp.einsum("bkqs,bkqd->bksd", ds, qg)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nnx.Module):
