@@ -10,6 +10,7 @@ and reuse rollouts already written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,10 +30,12 @@ class Console:
         print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
 
-def check_workdir_config(cfg, workdir: Path) -> None:
-    """Refuse a workdir made with another config (naming the keys that differ); record it otherwise."""
+def check_workdir_config(cfg, workdir: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a workdir made with another config (naming the keys that differ); record it otherwise.
+
+    Top-level sections in `ignore` are left out (a study may add variants to a workdir it shares)."""
     path = workdir / "config.json"
-    current = json.loads(cfg.to_json())
+    current = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in ignore}
     if path.exists():
         previous = json.loads(path.read_text())
         diffs = diff_configs(previous, current)
@@ -60,6 +63,7 @@ class IterationCheckpoints:
     def __init__(self, directory: Path, max_to_keep: int):
         from mstar_jax.checkpointing import CheckpointManager
 
+        self.directory = directory
         self.manager = CheckpointManager(directory, max_to_keep=max_to_keep, save_interval_steps=1)
         self.manager.install_preemption_handler()
 
@@ -73,7 +77,10 @@ class IterationCheckpoints:
 
     def save_iteration(self, state, loop) -> None:
         """Save after an iteration (step key = iterations completed) and wait, so a kill loses nothing."""
+        from mstar_jax.faults import kill_point
+
         self.manager.save(loop.iteration, state, loop.to_json())
+        kill_point("checkpoint_write")  # the async write is in flight here
         self.manager.wait()
         if self.manager.preempted:
             raise SystemExit(f"preempted: saved iteration {loop.iteration}; rerun the same command to resume")
@@ -83,8 +90,31 @@ class IterationCheckpoints:
         self.manager.close()
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What the self-evolving stage starts from: the policy and its sampler, the splits, the warm-up model and the
+    base / warm-up evaluations."""
+
+    policy: object
+    sampler: object
+    splits: dict
+    warm: object
+    results: dict
+
+
 def run_train(cfg, workdir: str | Path) -> dict:
     """Run (or resume) the full recipe; returns the evaluation results by stage."""
+    say = Console()
+    workdir = Path(workdir)
+    prep = prepare(cfg, workdir, say)
+    final, final_params = run_self_evolving(cfg, workdir, prep, say)
+    results = {**prep.results, "final": final}
+    finish(cfg, workdir, prep.policy, final_params, results, say)
+    return results
+
+
+def prepare(cfg, workdir: Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
+    """The stages before self-evolving: data -> base model -> base eval -> warm-up (rollouts, SFT) -> warm-up eval."""
     from mstar_jax import sharding
     from mstar_jax.conversion import LoadedModel, load_any, save_converted
     from mstar_jax.loop import data as loop_data
@@ -95,13 +125,11 @@ def run_train(cfg, workdir: str | Path) -> dict:
     from mstar_jax.policy import Policy, load_processor
     from mstar_jax.sampler import sampler_for
 
-    say = Console()
     if not cfg.model.path and cfg.data.source != "synthetic":
         raise ConfigError("model.path is empty: set --config.model.path to an HF LLaVA directory or a converted "
                           "checkpoint (only the synthetic demo builds its own tiny base model)")
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir_config(cfg, workdir)
+    check_workdir_config(cfg, workdir, ignore)
     sharding.initialize_distributed()
     mesh = sharding.mesh_from_config(cfg)
 
@@ -117,7 +145,6 @@ def run_train(cfg, workdir: str | Path) -> dict:
     results = {"base": evaluate_stage(sampler, policy.params, splits, cfg, workdir / "results" / "base.json", "base")}
     say(f"base eval: {_acc_line(results['base'])}")
 
-    # ------------------------------------------------------------------------------------------- warm-up
     warm_dir = workdir / "warmup_ckpt"
     if (warm_dir / "mstar_checkpoint.json").exists():
         warm = load_any(warm_dir, mesh, None)
@@ -143,27 +170,24 @@ def run_train(cfg, workdir: str | Path) -> dict:
     results["warmup"] = evaluate_stage(sampler, warm.params, splits, cfg, workdir / "results" / "warmup.json",
                                        "warmup")
     say(f"+warm-up eval: {_acc_line(results['warmup'])}")
-
-    # ------------------------------------------------------------------------------------ self-evolving
-    final_path = workdir / "results" / "final.json"
-    results["final"], final_params = run_self_evolving(cfg, workdir, policy, warm, splits, sampler,
-                                                       stage_records(results), say, final_path)
-    finish(cfg, workdir, policy, final_params, results, say)
-    return results
+    return Prepared(policy, sampler, splits, warm, results)
 
 
-def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_records, say, final_path: Path):
-    """The iterations of `cfg.train.method` from the warm-up params; returns (final evaluation, final params)."""
+def run_self_evolving(cfg, workdir: Path, prep: Prepared, say):
+    """The iterations of `cfg.train.method` from the warm-up params in `workdir` (its checkpoints, rollouts,
+    metrics); returns (final evaluation, final params)."""
     from mstar_jax.loop.dynamics import MeanLogprobScorer
     from mstar_jax.loop.evaluate import evaluate_stage
     from mstar_jax.loop.self_evolve import LoopState, SelfEvolvingRun, continuous_schedule_steps
     from mstar_jax.loop.sft import Trainer
     from mstar_jax.reporting import MetricsLog
 
+    policy, warm, splits, sampler = prep.policy, prep.warm, prep.splits, prep.sampler
+    workdir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(policy, cfg.train, total_steps=1,
                       max_length=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens, seed=cfg.seed)
     trainer.total_steps = continuous_schedule_steps(cfg, len(splits["train"]), trainer)
-    template = trainer.fresh_state(warm.params)
+    template = trainer.fresh_state(warm.params, copy=True)
     ckpts = IterationCheckpoints(workdir / "checkpoints", cfg.checkpoint.max_to_keep)
     restored = ckpts.restore(template)
     if restored is None:
@@ -172,7 +196,7 @@ def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_r
         state, meta = restored
         loop = LoopState(**meta)
         say(f"resuming after iteration {loop.iteration} (T={loop.temperature:g})")
-    metrics = MetricsLog(workdir, records=list(prior_records) + loop.records)
+    metrics = MetricsLog(workdir, records=stage_records(prep.results) + loop.records)
     run = SelfEvolvingRun(cfg, workdir, policy, trainer, warm.params, splits["train"], splits.get("val", []),
                           MeanLogprobScorer(), metrics, ckpts)
     say(f"self-evolving: {cfg.train.method}, {run.num_iterations} iterations of {cfg.train.interval:.2%} of "
@@ -181,7 +205,8 @@ def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_r
         f"LR schedule of {trainer.total_steps} steps")
     state, loop = run.run(state, loop)
     ckpts.close()
-    final = evaluate_stage(sampler, state.params, splits, cfg, final_path, cfg.train.method)
+    final = evaluate_stage(sampler, state.params, splits, cfg, workdir / "results" / "final.json",
+                           cfg.train.method)
     for rec in stage_records({"final": final}):
         metrics.log(rec, step=int(state.step))
     metrics.close()
