@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def mstar(*args, timeout=600, **extra_env):
-    env = {k: v for k, v in os.environ.items() if k != "MSTAR_KILL_AT"}
-    env.update({"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra_env})
-    return subprocess.run([sys.executable, "-m", "mstar_jax.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    proc = mstar("train", "--config", "smoke", "--workdir", str(workdir))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, proc.stdout
+from tests.loop.cli_helpers import copy_after_warmup, mstar
 
 
 @pytest.mark.slow
@@ -77,17 +57,6 @@ def test_other_config_on_same_workdir_is_refused(smoke_run):
 def test_unknown_key_lists_close_names(tmp_path):
     proc = mstar("train", "--config", "smoke", "--workdir", str(tmp_path), "--config.train.methd=rest_em")
     assert proc.returncode == 2 and "train.method" in proc.stderr
-
-
-def copy_after_warmup(reference: Path, dst: Path) -> Path:
-    """The reference workdir as it was when the warm-up had finished (every self-evolving output removed)."""
-    shutil.copytree(reference, dst)
-    for name in ("checkpoints", "export", "plots", "tensorboard"):
-        shutil.rmtree(dst / name)
-    for path in [dst / "report.md", dst / "metrics.jsonl", dst / "results" / "final.json",
-                 *(dst / "rollouts").glob("iter_*.jsonl")]:
-        path.unlink()
-    return dst
 
 
 # Smoke: 2 iterations of 16 queries, 2 sampling chunks each, >= 1 SFT step each (asserted via the kill).
