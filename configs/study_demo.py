@@ -5,19 +5,14 @@
 Every variant makes 2 passes over the demo's 512 queries (so the 100 % methods are iterative too).
 """
 
-import importlib.util
-import pathlib
-
 from ml_collections import ConfigDict
 
-_spec = importlib.util.spec_from_file_location("mstar_demo_config", pathlib.Path(__file__).with_name("demo.py"))
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
+from mstar_jax.config import base_config
 
 
 def get_config():
     """The demo plus `study.variants` (METHOD@PERCENT%[+adaptive], comma-separated)."""
-    c = _module.get_config()
+    c = base_config(__file__, "demo")
     c.train.passes = 2.0
     c.dynamics.every = 2  # monitoring every 2 iterations (the adaptive choice needs no more)
     c.export.enabled = False

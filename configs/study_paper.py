@@ -6,19 +6,14 @@ table 1 (section 3.2) plus M-STaR's adaptive temperature (section 4.2).
         --config.data.test_id=... --config.data.test_ood=...
 """
 
-import importlib.util
-import pathlib
-
 from ml_collections import ConfigDict
 
-_spec = importlib.util.spec_from_file_location("mstar_paper_config", pathlib.Path(__file__).with_name("paper.py"))
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
+from mstar_jax.config import base_config
 
 
 def get_config():
     """lr 1e-6, global batch 128, constant schedule with 0.1 warm-up, K=16, grid 0.3..1.6; all table-1 rows."""
-    c = _module.get_config()
+    c = base_config(__file__, "paper")
     # The paper does not state how many passes its 100 % rows made; 2 keeps them iterative (>1 iteration).
     c.train.passes = 2.0
     c.export.enabled = False

@@ -141,13 +141,18 @@ def test_continuous_equals_one_uninterrupted_optimizer_across_a_restart(world, r
     assert differs(reset.params, ref.params)
 
 
+def run_two_iterations(world, rollouts_dir, tmp_path, method):
+    """Both iterations of `method` from the warm-up params in one run; returns (final state, trainer)."""
+    run, trainer, ckpts = make_run(world, fresh_workdir(tmp_path, rollouts_dir), method, world[0].params)
+    state, _ = run.run(trainer.fresh_state(world[0].params, copy=True), LoopState(temperature=1.0))
+    ckpts.close()
+    return state, trainer
+
+
 def test_iterative_rft_resets_the_optimizer_but_not_the_params(world, rollouts_dir, tmp_path):
     policy, queries, cfg = world
     warm = policy.params
-    run, trainer, ckpts = make_run(world, fresh_workdir(tmp_path, rollouts_dir), "iterative_rft", warm)
-    state, _ = run.run(trainer.fresh_state(warm, copy=True), LoopState(temperature=1.0))
-    ckpts.close()
-
+    state, trainer = run_two_iterations(world, rollouts_dir, tmp_path, "iterative_rft")
     ex0, ex1 = rollouts_dir[1]
     n0, n1 = trainer.num_steps(len(ex0), 1), trainer.num_steps(len(ex1), 1)
     ref = train_on(trainer, trainer.fresh_state(warm, n0, copy=True), ex0, cfg, 0, n0)
@@ -164,10 +169,7 @@ def test_iterative_rft_resets_the_optimizer_but_not_the_params(world, rollouts_d
 def test_rest_em_restarts_params_and_optimizer_from_the_warm_up(world, rollouts_dir, tmp_path):
     policy, queries, cfg = world
     warm = policy.params
-    run, trainer, ckpts = make_run(world, fresh_workdir(tmp_path, rollouts_dir), "rest_em", warm)
-    state, _ = run.run(trainer.fresh_state(warm, copy=True), LoopState(temperature=1.0))
-    ckpts.close()
-
+    state, trainer = run_two_iterations(world, rollouts_dir, tmp_path, "rest_em")
     _, ex1 = rollouts_dir[1]
     n1 = trainer.num_steps(len(ex1), 1)
     ref = train_on(trainer, trainer.fresh_state(warm, n1, copy=True), ex1, cfg, 1, n1)
