@@ -15,6 +15,7 @@ def get_config():
     c = base_config(__file__, "demo")
     c.train.passes = 2.0
     c.dynamics.every = 2  # monitoring every 2 iterations (the adaptive choice needs no more)
+    c.dynamics.grid_step = 0.2  # 0.3, 0.5, .., 1.5: half the validation sampling of the demo's grid
     c.export.enabled = False
     c.study = ConfigDict()
     c.study.variants = ("rest_em@100%, iterative_rft@100%, continuous@100%, continuous@50%, continuous@25%, "
