@@ -13,7 +13,7 @@ def register(subparsers) -> None:
                     "study.variants (e.g. --config.study.variants='rest_em@100%%,continuous@25%%+adaptive'); "
                     "writes study.md and plots/study.png. The same command on the same workdir resumes.")
     p.add_argument("--config", default=None, help="config file or name in configs/ (default: study_demo)")
-    p.add_argument("--workdir", default=None, help="output directory (default: runs/<config name>)")
+    p.add_argument("--workdir", default=None, help="output directory or gs:// URL (default: runs/<config name>)")
     p.set_defaults(handler=_study)
 
 

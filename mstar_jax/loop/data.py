@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mstar_jax.errors import DataError
 from mstar_jax.loop.rollouts import Query
+from mstar_jax.workdir import publish
 
 SPLITS = ("warmup", "train", "val", "test_id", "test_ood")
 
@@ -25,6 +26,7 @@ def _synth(out: Path, seed: int, sizes: dict, image_size: int, difficulty: int, 
 
     if not (out / "manifest.json").exists():
         generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=image_size, difficulty=difficulty))
+        publish(out, last="manifest.json")  # the manifest marks the data complete
         say(f"synthetic data: generated {sum(sizes.values())} items in {out}")
     return out
 

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mstar_jax.workdir import publish
+
 
 @dataclasses.dataclass(frozen=True)
 class Query:
@@ -87,7 +89,7 @@ def make_rollouts(queries, samples, prompt_fn, scorer=None) -> list[Rollout]:
 
 
 def write_rollouts(path: str | Path, rollouts: Sequence[Rollout]) -> None:
-    """Write JSONL atomically: a file that exists is complete."""
+    """Write JSONL atomically: a file that exists is complete (then upload it when in a remote workdir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -95,6 +97,7 @@ def write_rollouts(path: str | Path, rollouts: Sequence[Rollout]) -> None:
         for r in rollouts:
             f.write(json.dumps(r.to_json()) + "\n")
     os.replace(tmp, path)
+    publish(path)
 
 
 def read_rollouts(path: str | Path) -> list[Rollout]:

@@ -5,7 +5,9 @@
 
 Each stage writes its outputs atomically and is skipped when they exist, so the same command on the same
 workdir continues where it stopped (also after `kill -9`); the iterations resume from the last Orbax checkpoint
-and reuse rollouts already written.
+and reuse rollouts already written. A gs:// workdir works the same way through a local mirror
+(mstar_jax.workdir): the stages write there, each file is uploaded when complete, and the Orbax directories
+live on the remote only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from mstar_jax.config import diff_configs
 from mstar_jax.errors import ConfigError
 from mstar_jax.reporting import write_atomic
+from mstar_jax.workdir import Workdir, publish
 
 
 class Console:
@@ -30,17 +33,18 @@ class Console:
         print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
 
-def check_workdir_config(cfg, workdir: Path, ignore: tuple[str, ...] = ()) -> None:
+def check_workdir_config(cfg, workdir: Workdir | str | Path, ignore: tuple[str, ...] = ()) -> None:
     """Refuse a workdir made with another config (naming the keys that differ); record it otherwise.
 
     Top-level sections in `ignore` are left out (a study may add variants to a workdir it shares)."""
-    path = workdir / "config.json"
+    wd = Workdir.open(workdir)
+    path = wd.local / "config.json"
     current = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in ignore}
     if path.exists():
         previous = json.loads(path.read_text())
         diffs = diff_configs(previous, current)
         if diffs:
-            raise ConfigError(f"{workdir} was made with a different config; differing keys: " + "; ".join(diffs)
+            raise ConfigError(f"{wd.url} was made with a different config; differing keys: " + "; ".join(diffs)
                               + ". Use a new --workdir or the original config.")
     else:
         write_atomic(path, json.dumps(current, indent=1, sort_keys=True))
@@ -103,17 +107,29 @@ class Prepared:
 
 
 def run_train(cfg, workdir: str | Path) -> dict:
-    """Run (or resume) the full recipe; returns the evaluation results by stage."""
+    """Run (or resume) the full recipe in a local or gs:// workdir; returns the evaluation results by stage."""
     say = Console()
-    workdir = Path(workdir)
-    prep = prepare(cfg, workdir, say)
-    final, final_params = run_self_evolving(cfg, workdir, prep, say)
+    wd = open_workdir(workdir, say)
+    prep = prepare(cfg, wd, say)
+    final, final_params = run_self_evolving(cfg, wd, prep, say)
     results = {**prep.results, "final": final}
-    finish(cfg, workdir, prep.policy, final_params, results, say)
+    finish(cfg, wd, prep.policy, final_params, results, say)
     return results
 
 
-def prepare(cfg, workdir: Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
+def open_workdir(workdir: str | Path, say) -> Workdir:
+    """The run's workdir; a remote one is pulled into its local mirror first (after jax.distributed is up, since
+    the mirror is per process)."""
+    from mstar_jax import sharding
+
+    sharding.initialize_distributed()
+    wd = Workdir.open(workdir)
+    if wd.is_remote:
+        say(f"workdir: {wd.url} (local mirror {wd.local}; Orbax checkpoints written to the remote directly)")
+    return wd
+
+
+def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
     """The stages before self-evolving: data -> base model -> base eval -> warm-up (rollouts, SFT) -> warm-up eval."""
     from mstar_jax import sharding
     from mstar_jax.conversion import LoadedModel, load_any, save_converted
@@ -128,15 +144,16 @@ def prepare(cfg, workdir: Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
     if not cfg.model.path and cfg.data.source != "synthetic":
         raise ConfigError("model.path is empty: set --config.model.path to an HF LLaVA directory or a converted "
                           "checkpoint (only the synthetic demo builds its own tiny base model)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir_config(cfg, workdir, ignore)
+    wd = Workdir.open(workdir)
+    workdir = wd.local
+    check_workdir_config(cfg, wd, ignore)
     sharding.initialize_distributed()
     mesh = sharding.mesh_from_config(cfg)
 
     splits = loop_data.load_splits(cfg, workdir, say)
     say("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
 
-    base_path = Path(cfg.model.path) if cfg.model.path else build_base_model(cfg, workdir, splits["pretrain"], say)
+    base_path = cfg.model.path or build_base_model(cfg, workdir, splits["pretrain"], say)  # str: may be gs://
     policy = Policy(load_any(base_path, mesh, cfg.model.dtype or None), None)
     policy.processor = load_processor(policy.loaded.hf_files)
     sampler = sampler_for(policy)
@@ -145,7 +162,7 @@ def prepare(cfg, workdir: Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
     results = {"base": evaluate_stage(sampler, policy.params, splits, cfg, workdir / "results" / "base.json", "base")}
     say(f"base eval: {_acc_line(results['base'])}")
 
-    warm_dir = workdir / "warmup_ckpt"
+    warm_dir = wd.durable("warmup_ckpt")  # Orbax: on the remote for a gs:// workdir
     if (warm_dir / "mstar_checkpoint.json").exists():
         warm = load_any(warm_dir, mesh, None)
         say(f"warm-up: reusing {warm_dir}")
@@ -173,7 +190,7 @@ def prepare(cfg, workdir: Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
     return Prepared(policy, sampler, splits, warm, results)
 
 
-def run_self_evolving(cfg, workdir: Path, prep: Prepared, say):
+def run_self_evolving(cfg, workdir: Workdir | str | Path, prep: Prepared, say):
     """The iterations of `cfg.train.method` from the warm-up params in `workdir` (its checkpoints, rollouts,
     metrics); returns (final evaluation, final params)."""
     from mstar_jax.loop.dynamics import MeanLogprobScorer
@@ -183,12 +200,13 @@ def run_self_evolving(cfg, workdir: Path, prep: Prepared, say):
     from mstar_jax.reporting import MetricsLog
 
     policy, warm, splits, sampler = prep.policy, prep.warm, prep.splits, prep.sampler
-    workdir.mkdir(parents=True, exist_ok=True)
+    wd = Workdir.open(workdir)
+    workdir = wd.local
     trainer = Trainer(policy, cfg.train, total_steps=1,
                       max_length=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens, seed=cfg.seed)
     trainer.total_steps = continuous_schedule_steps(cfg, len(splits["train"]), trainer)
     template = trainer.fresh_state(warm.params, copy=True)
-    ckpts = IterationCheckpoints(workdir / "checkpoints", cfg.checkpoint.max_to_keep)
+    ckpts = IterationCheckpoints(wd.durable("checkpoints"), cfg.checkpoint.max_to_keep)
     restored = ckpts.restore(template)
     if restored is None:
         state, loop = template, LoopState(temperature=float(cfg.train.temperature))
@@ -214,23 +232,26 @@ def run_self_evolving(cfg, workdir: Path, prep: Prepared, say):
     return final, state.params
 
 
-def finish(cfg, workdir: Path, policy, params, results: dict, say) -> None:
-    """report.md, dynamics plots and the HF export."""
+def finish(cfg, workdir: Workdir | str | Path, policy, params, results: dict, say) -> None:
+    """report.md, dynamics plots and the HF export (written in the mirror and uploaded, for a gs:// workdir)."""
     from mstar_jax.conversion import LoadedModel, export_hf
     from mstar_jax.loop.report import write_report
     from mstar_jax.reporting import plot_dynamics
 
+    wd = Workdir.open(workdir)
+    workdir = wd.local
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plots = plot_dynamics(records, workdir / "plots")
     write_report(workdir / "report.md", {"base": results["base"], "+warm-up": results["warmup"],
                                          cfg.train.method + (" + adaptive T" if cfg.adaptive.enabled else ""):
                                          results["final"]}, records, plots)
-    say(f"report: {workdir / 'report.md'}; plots: {len(plots)} in {workdir / 'plots'}")
+    say(f"report: {wd.show('report.md')}; plots: {len(plots)} in {wd.show('plots')}")
     if cfg.export.enabled:
         final = LoadedModel(policy.loaded.cfg, policy.graphdef, params, policy.loaded.extras, policy.loaded.layout,
                             policy.loaded.hf_files, policy.mesh)
         export_hf(final, workdir / "export", dtype=cfg.export.dtype or None, overwrite=True)
-        say(f"exported the final policy for transformers: {workdir / 'export'}")
+        publish(workdir / "export", last="config.json")
+        say(f"exported the final policy for transformers: {wd.show('export')}")
 
 
 def _acc_line(res: dict) -> str:

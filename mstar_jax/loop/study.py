@@ -19,6 +19,7 @@ from pathlib import Path
 from mstar_jax.errors import ConfigError
 from mstar_jax.loop.self_evolve import METHODS, iterations_per_pass
 from mstar_jax.reporting import markdown_table, write_atomic
+from mstar_jax.workdir import publish
 
 # Paper table 1 (MiniCPM-V-2.5; MathV360K in-domain, MathVista out-of-domain), for the ordering comparison.
 PAPER_TABLE1 = {
@@ -79,7 +80,7 @@ def parse_variants(spec: str) -> list[Variant]:
 def run_study(cfg, workdir: str | Path) -> dict:
     """Run (or resume) every variant from one base and warm-up model; returns {variant name: final results}."""
     from mstar_jax.loop.report import write_report
-    from mstar_jax.loop.run import Console, check_workdir_config, prepare, run_self_evolving
+    from mstar_jax.loop.run import Console, check_workdir_config, open_workdir, prepare, run_self_evolving
     from mstar_jax.reporting import plot_dynamics
 
     if "study" not in cfg:
@@ -87,16 +88,17 @@ def run_study(cfg, workdir: str | Path) -> dict:
                           "(or add study.variants to yours)")
     variants = parse_variants(cfg.study.variants)
     say = Console()
-    workdir = Path(workdir)
+    wd = open_workdir(workdir, say)
+    workdir = wd.local
     # Variants may be added to a study later: the shared stages only depend on the config outside `study`.
-    prep = prepare(cfg, workdir, say, ignore=("study",))
+    prep = prepare(cfg, wd, say, ignore=("study",))
     finals, records = {}, {}
     for k, v in enumerate(variants):
-        vcfg, vdir = v.config(cfg), workdir / "variants" / v.name
+        vwd = wd.sub(f"variants/{v.name}")  # its own checkpoints, rollouts, metrics (on the remote too)
+        vcfg, vdir = v.config(cfg), vwd.local
         say(f"study variant {k + 1}/{len(variants)}: {v.name}")
-        vdir.mkdir(parents=True, exist_ok=True)
-        check_workdir_config(vcfg, vdir, ignore=("study",))
-        finals[v.name], _ = run_self_evolving(vcfg, vdir, prep, say)
+        check_workdir_config(vcfg, vwd, ignore=("study",))
+        finals[v.name], _ = run_self_evolving(vcfg, vwd, prep, say)
         records[v.name] = _read_records(vdir / "metrics.jsonl")
         plots = plot_dynamics(records[v.name], vdir / "plots")
         write_report(vdir / "report.md", {"base": prep.results["base"], "+warm-up": prep.results["warmup"],
@@ -108,7 +110,7 @@ def run_study(cfg, workdir: str | Path) -> dict:
          "accuracy": {n: {s: r[s]["accuracy"] for s in ("test_id", "test_ood") if s in r} for n, r in rows.items()}},
         indent=1))
     write_atomic(workdir / "study.md", study_markdown(cfg, variants, rows, plot, len(prep.splits["train"])))
-    say(f"study: {workdir / 'study.md'}; plot: {plot}")
+    say(f"study: {wd.show('study.md')}; plot: {wd.show('plots/study.png')}")
     return finals
 
 
@@ -224,4 +226,5 @@ def plot_study(variants: list[Variant], rows: dict[str, dict], records: dict[str
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    publish(path)
     return path
