@@ -22,6 +22,7 @@ def get_config() -> ConfigDict:
     c.data.synth_sizes = ConfigDict({"warmup": 256, "train": 512, "unlabeled": 0, "val": 48, "test_id": 128,
                                      "test_ood": 128})
     c.data.image_size = 56
+    c.data.difficulty = 2  # synthetic questions: 1 (easy) .. 3 (hard)
     c.data.max_prompt_tokens = 256
 
     # Model: an HF LLaVA directory or a converted checkpoint; empty = build and pre-train the tiny demo model.

@@ -7,17 +7,12 @@
         --config.data.test_ood=/data/mathvista/testmini.json
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("mstar_demo_config", pathlib.Path(__file__).with_name("demo.py"))
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
+from mstar_jax.config import base_config
 
 
 def get_config():
     """lr 1e-6, global batch 128, constant LR after a 0.1 warm-up ratio, 25 % interval, K=16, T grid 0.3..1.6."""
-    c = _module.get_config()
+    c = base_config(__file__, "demo")
     c.data.source = "files"
     c.data.max_prompt_tokens = 2048
     c.model.path = ""  # required: an HF LLaVA directory or a converted checkpoint

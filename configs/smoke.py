@@ -1,17 +1,11 @@
 """Every stage of the loop at tiny sizes (the tests use it); about 2 minutes on 2 CPU cores."""
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("mstar_demo_config", pathlib.Path(__file__).with_name("demo.py"))
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-_demo = _module.get_config
+from mstar_jax.config import base_config
 
 
 def get_config():
     """The demo with tiny data, model, and sample counts."""
-    c = _demo()
+    c = base_config(__file__, "demo")
     c.data.synth_sizes.update({"warmup": 24, "train": 32, "unlabeled": 0, "val": 8, "test_id": 12, "test_ood": 12})
     c.data.image_size = 28
     c.model.tiny.update({"image_size": 28, "vision_hidden": 32, "vision_layers": 2, "hidden": 64,

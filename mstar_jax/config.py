@@ -27,6 +27,15 @@ def resolve_config_path(name_or_path: str | None, default: str = "demo") -> Path
     return path
 
 
+def base_config(config_file: str | Path, name: str) -> ConfigDict:
+    """`get_config()` of the config file `name`.py next to `config_file` (for configs that extend another)."""
+    path = Path(config_file).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"mstar_config_base_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def load_config_file(path: str | Path) -> ConfigDict:
     """Import a config file and call its `get_config()`; the result is locked (no new keys)."""
     path = Path(path)

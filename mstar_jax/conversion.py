@@ -214,6 +214,12 @@ def _epath(path):
     return epath.Path(path)
 
 
+def _is_remote(path) -> bool:
+    from mstar_jax.workdir import is_remote
+
+    return is_remote(path)
+
+
 def is_converted(path: str | Path) -> bool:
     """True if `path` (local or gs://) is a checkpoint written by `hf_to_flax`."""
     return (_epath(path) / META_NAME).exists()
@@ -302,35 +308,56 @@ class _Staging:
         return False
 
 
-def _copy_side_files(src: Path | None, dst: Path) -> None:
-    """Copy tokenizer/processor/config files (everything but weights) from an HF directory."""
+def _copy_side_files(src: Path | None, dst) -> None:
+    """Copy tokenizer/processor/config files (everything but weights) from an HF directory (`dst` may be gs://)."""
     dst.mkdir(parents=True, exist_ok=True)
     if src is None:
         return
     for f in sorted(src.iterdir()):
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
-            shutil.copy2(f, dst / f.name)
+            (dst / f.name).write_bytes(f.read_bytes())
 
 
-def save_converted(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write `loaded` as a converted checkpoint (atomically)."""
+def save_converted(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False):
+    """Write `loaded` as a converted checkpoint: atomically on a local disk, description last on gs://."""
+    if _is_remote(out_dir):
+        return _save_in_place(loaded, _epath(out_dir), overwrite)
     with _Staging(out_dir, overwrite) as tmp:
-        save_params(loaded.params, tmp / "params")
-        if jax.process_index() == 0:
-            if loaded.extras:
-                from safetensors.numpy import save_file
-
-                save_file(dict(loaded.extras), str(tmp / "extras.safetensors"))
-            _copy_side_files(loaded.hf_files, tmp / "hf")
-            meta = {
-                "format": FORMAT,
-                "version": 1,
-                "config": json.loads(loaded.cfg.to_json()),
-                "layout": loaded.layout,
-                "param_dtypes": {".".join(map(str, p)): str(a.dtype) for p, a in loaded.params.items()},
-            }
-            (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        _write_converted(loaded, tmp)
     return Path(out_dir)
+
+
+def _save_in_place(loaded: LoadedModel, out, overwrite: bool):
+    # An object store cannot rename a directory atomically: write in place and add the description (META_NAME)
+    # last -- until it exists the directory is no checkpoint (is_converted), and the next save replaces it.
+    _refuse_existing(out, overwrite)
+    if jax.process_index() == 0 and out.exists():
+        out.rmtree()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"mstar save_converted {out}")  # nobody writes before the removal
+    _write_converted(loaded, out)
+    return out
+
+
+def _write_converted(loaded: LoadedModel, out) -> None:
+    """Params (Orbax, every process), then extras, HF side files and the description (process 0)."""
+    save_params(loaded.params, out / "params")
+    if jax.process_index() == 0:
+        if loaded.extras:
+            from safetensors.numpy import save
+
+            (out / "extras.safetensors").write_bytes(save(dict(loaded.extras)))  # bytes, since out may be gs://
+        _copy_side_files(loaded.hf_files, out / "hf")
+        meta = {
+            "format": FORMAT,
+            "version": 1,
+            "config": json.loads(loaded.cfg.to_json()),
+            "layout": loaded.layout,
+            "param_dtypes": {".".join(map(str, p)): str(a.dtype) for p, a in loaded.params.items()},
+        }
+        (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def hf_to_flax(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False,
@@ -342,7 +369,7 @@ def hf_to_flax(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
 
 
 def _refuse_existing(out_dir, overwrite: bool) -> None:
-    out = Path(out_dir)
+    out = _epath(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
 

@@ -19,3 +19,7 @@ class ConfigError(MstarError):
 
 class TrainingError(MstarError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class WorkdirError(MstarError):
+    """A remote workdir (gs://...) cannot be read or written."""

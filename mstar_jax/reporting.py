@@ -9,20 +9,27 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from mstar_jax.workdir import publish
+
 DYNAMICS_METRICS = ("greedy", "pass@k", "pass@k-greedy", "reward_pass@2")
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary name and rename, so readers never see half a file."""
+    """Write a text file via a temporary name and rename, so readers never see half a file (then upload it
+    when it lies in a remote workdir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+    publish(path)
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl plus TensorBoard events; `records` is the authoritative in-memory list."""
+    """Append-only metrics.jsonl plus TensorBoard events; `records` is the authoritative in-memory list.
+
+    In a remote workdir both are uploaded whole after every record: metrics.jsonl is small, and the events file
+    only grows by a record, so the remote is never more than the current record behind."""
 
     def __init__(self, workdir: str | Path, records: Iterable[dict] = (), tensorboard: bool = True):
         self.path = Path(workdir) / "metrics.jsonl"
@@ -34,6 +41,7 @@ class MetricsLog:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             self._tb = EventFileWriter(str(Path(workdir) / "tensorboard"))
+        self._tb_dir = Path(workdir) / "tensorboard"
 
     def log(self, record: dict[str, Any], step: int) -> None:
         """Record a dict of metrics (numbers go to TensorBoard under `stage/name`)."""
@@ -53,11 +61,14 @@ class MetricsLog:
                 self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                                    summary=summary_pb2.Summary(value=values)))
                 self._tb.flush()
+                publish(self._tb_dir)
+        publish(self.path)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
         if self._tb is not None:
             self._tb.close()
+            publish(self._tb_dir)
 
 
 def plot_dynamics(records: list[dict], out_dir: str | Path, scorer: str = "mean_logprob") -> list[Path]:
@@ -102,6 +113,7 @@ def plot_dynamics(records: list[dict], out_dir: str | Path, scorer: str = "mean_
         path = out_dir / f"{metric.replace('@', '_at_').replace('-', '_minus_')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        publish(path)
         paths.append(path)
     return paths
 

@@ -187,3 +187,33 @@ def test_corrupt_safetensors_is_named(tiny_models, tmp_path):
     shutil.copytree(tiny_models["clip_llama"][0], src)
     (src / "model.safetensors").write_bytes(b"garbage" * 10)
     expect_error(src, tmp_path / "out", "model.safetensors")
+
+
+def test_object_store_save_writes_in_place_with_the_description_last(tiny_models, tmp_path, monkeypatch):
+    """On gs:// (no atomic directory rename) save_converted replaces a killed save's leftovers in place and
+    writes mstar_checkpoint.json last, so a half-written directory is never taken for a checkpoint."""
+    from etils import epath
+
+    from mstar_jax import conversion
+
+    src, _ = tiny_models["siglip_qwen2"]
+    loaded = conversion.load_hf(src)
+    out = epath.Path(tmp_path / "ckpt")
+    (out / "params").mkdir(parents=True)  # what a save killed mid-way leaves
+    real_save_params = conversion.save_params
+
+    def save_params(params, directory):
+        assert not (out / conversion.META_NAME).exists()
+        real_save_params(params, directory)
+
+    monkeypatch.setattr(conversion, "_is_remote", lambda path: True)  # take the gs:// branch on a local path
+    monkeypatch.setattr(conversion, "save_params", save_params)
+    with pytest.raises(CheckpointError, match="already exists"):
+        conversion.save_converted(loaded, out)
+    conversion.save_converted(loaded, out, overwrite=True)
+    assert not [p for p in Path(out).parent.iterdir() if p.name.startswith(".")], "no staging on object stores"
+    back = conversion.load_converted(out)
+    assert_bitwise_equal({".".join(map(str, k)): np.asarray(v) for k, v in loaded.params.items()},
+                         {".".join(map(str, k)): np.asarray(v) for k, v in back.params.items()})
+    assert sorted(back.extras) == sorted(loaded.extras)
+    assert (out / "hf" / "config.json").exists()

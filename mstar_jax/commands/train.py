@@ -12,8 +12,8 @@ def register(subparsers) -> None:
         description="With no arguments: the embedded default (configs/demo.py) in runs/demo on CPU. Overrides "
                     "look like --config.train.method=rest_em; the same command on the same workdir resumes.")
     p.add_argument("--config", default=None, help="config file or name in configs/ (default: demo)")
-    p.add_argument("--workdir", default=None, help="output directory (default: runs/<config name>); gs:// is fine "
-                                                   "for checkpoints")
+    p.add_argument("--workdir", default=None, help="output directory or gs:// URL (default: runs/<config name>); "
+                                                   "a gs:// run resumes from the bucket on any machine")
     p.set_defaults(handler=_train)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.rollouts import Query
+from mstar_jax.workdir import publish
 
 
 def corpus(queries: Sequence[Query]) -> list[str]:
@@ -57,6 +58,7 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     init_dir = workdir / "base_init_hf"
     if not (init_dir / "config.json").exists():
         make_tiny_llava(init_dir, spec, corpus=corpus(pretrain_queries))
+        publish(init_dir, last="config.json")  # config.json marks the directory complete
     loaded = load_hf(init_dir, sharding.mesh_from_config(cfg), "float32")
     policy = Policy(loaded, load_processor(init_dir))
     p = cfg.model.pretrain
@@ -69,6 +71,7 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     log(f"pre-trained the tiny base model: {metrics['train_steps']} steps, final mean loss {metrics['loss']:.3f}")
     loaded.params = state.params
     export_hf(loaded, out, overwrite=True)
+    publish(out, last="config.json")
     return out
 
 

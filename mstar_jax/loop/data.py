@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mstar_jax.errors import DataError
 from mstar_jax.loop.rollouts import Query
+from mstar_jax.workdir import publish
 
 SPLITS = ("warmup", "train", "val", "test_id", "test_ood")
 
@@ -20,11 +21,12 @@ def queries_from_records(records, root: Path) -> list[Query]:
     return out
 
 
-def _synth(out: Path, seed: int, sizes: dict, image_size: int, say) -> Path:
+def _synth(out: Path, seed: int, sizes: dict, image_size: int, difficulty: int, say) -> Path:
     from mstar_jax.data.synth import SynthConfig, generate
 
     if not (out / "manifest.json").exists():
-        generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=image_size))
+        generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=image_size, difficulty=difficulty))
+        publish(out, last="manifest.json")  # the manifest marks the data complete
         say(f"synthetic data: generated {sum(sizes.values())} items in {out}")
     return out
 
@@ -35,7 +37,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
 
     d = cfg.data
     if d.source == "synthetic":
-        root = _synth(workdir / "data", cfg.seed, d.synth_sizes.to_dict(), d.image_size, say)
+        root = _synth(workdir / "data", cfg.seed, d.synth_sizes.to_dict(), d.image_size, d.difficulty, say)
         files = {s: root / f"{s}.json" for s in SPLITS if d.synth_sizes.get(s)}
     elif d.source == "files":
         root = Path(d.root) if d.root else None
@@ -56,7 +58,8 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
         splits[name] = queries_from_records(records, split_root)
     if not cfg.model.path:
         p = cfg.model.pretrain
-        proot = _synth(workdir / "data_pretrain", cfg.seed + 1000, {"warmup": int(p.queries)}, d.image_size, say)
+        proot = _synth(workdir / "data_pretrain", cfg.seed + 1000, {"warmup": int(p.queries)}, d.image_size,
+                       d.difficulty, say)
         records, _ = read_dataset(proot / "warmup.json", root=proot)
         splits["pretrain"] = queries_from_records(records, proot)
     return splits

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-
+from mstar_jax.workdir import publish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +49,12 @@ def load_images(paths: Sequence[str]):
 
 def sample_queries(sampler, params, queries: Sequence[Query], prompt_fn: Callable[[dict], str], *, n: int,
                    temperature: float, seed: int, max_new_tokens: int, batch_size: int, top_p: float = 1.0,
-                   top_k: int = 0, desc: str = "rollouts", progress: bool = True) -> list[list]:
+                   top_k: int = 0, desc: str = "rollouts", progress: bool = True,
+                   kill_point_name: str = "sampling") -> list[list]:
     """n samples for every query, in chunks of `batch_size` prompts, with a progress bar."""
     from tqdm.auto import tqdm
+
+    from mstar_jax.faults import kill_point
 
     out: list[list] = []
     chunk = max(1, batch_size // max(1, n)) if temperature > 0 else batch_size
@@ -64,6 +67,7 @@ def sample_queries(sampler, params, queries: Sequence[Query], prompt_fn: Callabl
         out += sampler.generate(params, images, prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                 max_new_tokens=max_new_tokens, seed=(seed * 1_000_003 + start) % 2**31)
         bar.update(len(part))
+        kill_point(kill_point_name)
     bar.close()
     return out
 
@@ -85,7 +89,7 @@ def make_rollouts(queries, samples, prompt_fn, scorer=None) -> list[Rollout]:
 
 
 def write_rollouts(path: str | Path, rollouts: Sequence[Rollout]) -> None:
-    """Write JSONL atomically: a file that exists is complete."""
+    """Write JSONL atomically: a file that exists is complete (then upload it when in a remote workdir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -93,6 +97,7 @@ def write_rollouts(path: str | Path, rollouts: Sequence[Rollout]) -> None:
         for r in rollouts:
             f.write(json.dumps(r.to_json()) + "\n")
     os.replace(tmp, path)
+    publish(path)
 
 
 def read_rollouts(path: str | Path) -> list[Rollout]:

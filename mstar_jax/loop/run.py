@@ -5,11 +5,14 @@
 
 Each stage writes its outputs atomically and is skipped when they exist, so the same command on the same
 workdir continues where it stopped (also after `kill -9`); the iterations resume from the last Orbax checkpoint
-and reuse rollouts already written.
+and reuse rollouts already written. A gs:// workdir works the same way through a local mirror
+(mstar_jax.workdir): the stages write there, each file is uploaded when complete, and the Orbax directories
+live on the remote only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 from mstar_jax.config import diff_configs
 from mstar_jax.errors import ConfigError
 from mstar_jax.reporting import write_atomic
+from mstar_jax.workdir import Workdir, publish
 
 
 class Console:
@@ -29,15 +33,18 @@ class Console:
         print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
 
-def check_workdir_config(cfg, workdir: Path) -> None:
-    """Refuse a workdir made with another config (naming the keys that differ); record it otherwise."""
-    path = workdir / "config.json"
-    current = json.loads(cfg.to_json())
+def check_workdir_config(cfg, workdir: Workdir | str | Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a workdir made with another config (naming the keys that differ); record it otherwise.
+
+    Top-level sections in `ignore` are left out (a study may add variants to a workdir it shares)."""
+    wd = Workdir.open(workdir)
+    path = wd.local / "config.json"
+    current = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in ignore}
     if path.exists():
         previous = json.loads(path.read_text())
         diffs = diff_configs(previous, current)
         if diffs:
-            raise ConfigError(f"{workdir} was made with a different config; differing keys: " + "; ".join(diffs)
+            raise ConfigError(f"{wd.url} was made with a different config; differing keys: " + "; ".join(diffs)
                               + ". Use a new --workdir or the original config.")
     else:
         write_atomic(path, json.dumps(current, indent=1, sort_keys=True))
@@ -60,6 +67,7 @@ class IterationCheckpoints:
     def __init__(self, directory: Path, max_to_keep: int):
         from mstar_jax.checkpointing import CheckpointManager
 
+        self.directory = directory
         self.manager = CheckpointManager(directory, max_to_keep=max_to_keep, save_interval_steps=1)
         self.manager.install_preemption_handler()
 
@@ -73,7 +81,10 @@ class IterationCheckpoints:
 
     def save_iteration(self, state, loop) -> None:
         """Save after an iteration (step key = iterations completed) and wait, so a kill loses nothing."""
+        from mstar_jax.faults import kill_point
+
         self.manager.save(loop.iteration, state, loop.to_json())
+        kill_point("checkpoint_write")  # the async write is in flight here
         self.manager.wait()
         if self.manager.preempted:
             raise SystemExit(f"preempted: saved iteration {loop.iteration}; rerun the same command to resume")
@@ -83,8 +94,43 @@ class IterationCheckpoints:
         self.manager.close()
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What the self-evolving stage starts from: the policy and its sampler, the splits, the warm-up model and the
+    base / warm-up evaluations."""
+
+    policy: object
+    sampler: object
+    splits: dict
+    warm: object
+    results: dict
+
+
 def run_train(cfg, workdir: str | Path) -> dict:
-    """Run (or resume) the full recipe; returns the evaluation results by stage."""
+    """Run (or resume) the full recipe in a local or gs:// workdir; returns the evaluation results by stage."""
+    say = Console()
+    wd = open_workdir(workdir, say)
+    prep = prepare(cfg, wd, say)
+    final, final_params = run_self_evolving(cfg, wd, prep, say)
+    results = {**prep.results, "final": final}
+    finish(cfg, wd, prep.policy, final_params, results, say)
+    return results
+
+
+def open_workdir(workdir: str | Path, say) -> Workdir:
+    """The run's workdir; a remote one is pulled into its local mirror first (after jax.distributed is up, since
+    the mirror is per process)."""
+    from mstar_jax import sharding
+
+    sharding.initialize_distributed()
+    wd = Workdir.open(workdir)
+    if wd.is_remote:
+        say(f"workdir: {wd.url} (local mirror {wd.local}; Orbax checkpoints written to the remote directly)")
+    return wd
+
+
+def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
+    """The stages before self-evolving: data -> base model -> base eval -> warm-up (rollouts, SFT) -> warm-up eval."""
     from mstar_jax import sharding
     from mstar_jax.conversion import LoadedModel, load_any, save_converted
     from mstar_jax.loop import data as loop_data
@@ -95,20 +141,19 @@ def run_train(cfg, workdir: str | Path) -> dict:
     from mstar_jax.policy import Policy, load_processor
     from mstar_jax.sampler import sampler_for
 
-    say = Console()
     if not cfg.model.path and cfg.data.source != "synthetic":
         raise ConfigError("model.path is empty: set --config.model.path to an HF LLaVA directory or a converted "
                           "checkpoint (only the synthetic demo builds its own tiny base model)")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir_config(cfg, workdir)
+    wd = Workdir.open(workdir)
+    workdir = wd.local
+    check_workdir_config(cfg, wd, ignore)
     sharding.initialize_distributed()
     mesh = sharding.mesh_from_config(cfg)
 
     splits = loop_data.load_splits(cfg, workdir, say)
     say("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
 
-    base_path = Path(cfg.model.path) if cfg.model.path else build_base_model(cfg, workdir, splits["pretrain"], say)
+    base_path = cfg.model.path or build_base_model(cfg, workdir, splits["pretrain"], say)  # str: may be gs://
     policy = Policy(load_any(base_path, mesh, cfg.model.dtype or None), None)
     policy.processor = load_processor(policy.loaded.hf_files)
     sampler = sampler_for(policy)
@@ -117,8 +162,7 @@ def run_train(cfg, workdir: str | Path) -> dict:
     results = {"base": evaluate_stage(sampler, policy.params, splits, cfg, workdir / "results" / "base.json", "base")}
     say(f"base eval: {_acc_line(results['base'])}")
 
-    # ------------------------------------------------------------------------------------------- warm-up
-    warm_dir = workdir / "warmup_ckpt"
+    warm_dir = wd.durable("warmup_ckpt")  # Orbax: on the remote for a gs:// workdir
     if (warm_dir / "mstar_checkpoint.json").exists():
         warm = load_any(warm_dir, mesh, None)
         say(f"warm-up: reusing {warm_dir}")
@@ -143,28 +187,26 @@ def run_train(cfg, workdir: str | Path) -> dict:
     results["warmup"] = evaluate_stage(sampler, warm.params, splits, cfg, workdir / "results" / "warmup.json",
                                        "warmup")
     say(f"+warm-up eval: {_acc_line(results['warmup'])}")
-
-    # ------------------------------------------------------------------------------------ self-evolving
-    final_path = workdir / "results" / "final.json"
-    results["final"], final_params = run_self_evolving(cfg, workdir, policy, warm, splits, sampler,
-                                                       stage_records(results), say, final_path)
-    finish(cfg, workdir, policy, final_params, results, say)
-    return results
+    return Prepared(policy, sampler, splits, warm, results)
 
 
-def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_records, say, final_path: Path):
-    """The iterations of `cfg.train.method` from the warm-up params; returns (final evaluation, final params)."""
+def run_self_evolving(cfg, workdir: Workdir | str | Path, prep: Prepared, say):
+    """The iterations of `cfg.train.method` from the warm-up params in `workdir` (its checkpoints, rollouts,
+    metrics); returns (final evaluation, final params)."""
     from mstar_jax.loop.dynamics import MeanLogprobScorer
     from mstar_jax.loop.evaluate import evaluate_stage
     from mstar_jax.loop.self_evolve import LoopState, SelfEvolvingRun, continuous_schedule_steps
     from mstar_jax.loop.sft import Trainer
     from mstar_jax.reporting import MetricsLog
 
+    policy, warm, splits, sampler = prep.policy, prep.warm, prep.splits, prep.sampler
+    wd = Workdir.open(workdir)
+    workdir = wd.local
     trainer = Trainer(policy, cfg.train, total_steps=1,
                       max_length=cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens, seed=cfg.seed)
     trainer.total_steps = continuous_schedule_steps(cfg, len(splits["train"]), trainer)
-    template = trainer.fresh_state(warm.params)
-    ckpts = IterationCheckpoints(workdir / "checkpoints", cfg.checkpoint.max_to_keep)
+    template = trainer.fresh_state(warm.params, copy=True)
+    ckpts = IterationCheckpoints(wd.durable("checkpoints"), cfg.checkpoint.max_to_keep)
     restored = ckpts.restore(template)
     if restored is None:
         state, loop = template, LoopState(temperature=float(cfg.train.temperature))
@@ -172,7 +214,7 @@ def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_r
         state, meta = restored
         loop = LoopState(**meta)
         say(f"resuming after iteration {loop.iteration} (T={loop.temperature:g})")
-    metrics = MetricsLog(workdir, records=list(prior_records) + loop.records)
+    metrics = MetricsLog(workdir, records=stage_records(prep.results) + loop.records)
     run = SelfEvolvingRun(cfg, workdir, policy, trainer, warm.params, splits["train"], splits.get("val", []),
                           MeanLogprobScorer(), metrics, ckpts)
     say(f"self-evolving: {cfg.train.method}, {run.num_iterations} iterations of {cfg.train.interval:.2%} of "
@@ -181,7 +223,8 @@ def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_r
         f"LR schedule of {trainer.total_steps} steps")
     state, loop = run.run(state, loop)
     ckpts.close()
-    final = evaluate_stage(sampler, state.params, splits, cfg, final_path, cfg.train.method)
+    final = evaluate_stage(sampler, state.params, splits, cfg, workdir / "results" / "final.json",
+                           cfg.train.method)
     for rec in stage_records({"final": final}):
         metrics.log(rec, step=int(state.step))
     metrics.close()
@@ -189,23 +232,26 @@ def run_self_evolving(cfg, workdir: Path, policy, warm, splits, sampler, prior_r
     return final, state.params
 
 
-def finish(cfg, workdir: Path, policy, params, results: dict, say) -> None:
-    """report.md, dynamics plots and the HF export."""
+def finish(cfg, workdir: Workdir | str | Path, policy, params, results: dict, say) -> None:
+    """report.md, dynamics plots and the HF export (written in the mirror and uploaded, for a gs:// workdir)."""
     from mstar_jax.conversion import LoadedModel, export_hf
     from mstar_jax.loop.report import write_report
     from mstar_jax.reporting import plot_dynamics
 
+    wd = Workdir.open(workdir)
+    workdir = wd.local
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plots = plot_dynamics(records, workdir / "plots")
     write_report(workdir / "report.md", {"base": results["base"], "+warm-up": results["warmup"],
                                          cfg.train.method + (" + adaptive T" if cfg.adaptive.enabled else ""):
                                          results["final"]}, records, plots)
-    say(f"report: {workdir / 'report.md'}; plots: {len(plots)} in {workdir / 'plots'}")
+    say(f"report: {wd.show('report.md')}; plots: {len(plots)} in {wd.show('plots')}")
     if cfg.export.enabled:
         final = LoadedModel(policy.loaded.cfg, policy.graphdef, params, policy.loaded.extras, policy.loaded.layout,
                             policy.loaded.hf_files, policy.mesh)
         export_hf(final, workdir / "export", dtype=cfg.export.dtype or None, overwrite=True)
-        say(f"exported the final policy for transformers: {workdir / 'export'}")
+        publish(workdir / "export", last="config.json")
+        say(f"exported the final policy for transformers: {wd.show('export')}")
 
 
 def _acc_line(res: dict) -> str:

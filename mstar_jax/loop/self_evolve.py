@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mstar_jax.errors import ConfigError
+from mstar_jax.errors import ConfigError, TrainingError
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.dynamics import DynamicsInput, dynamics_metrics
 from mstar_jax.loop.rollouts import Query, make_rollouts, read_rollouts, sample_queries, write_rollouts
@@ -149,7 +149,8 @@ class SelfEvolvingRun:
         samples = sample_queries(self.sampler, params, queries, P.cot_prompt, n=self.cfg.train.num_samples,
                                  temperature=temperature, seed=_seed(self.cfg.seed, 17, iteration),
                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, top_p=s.top_p,
-                                 top_k=s.top_k, desc=f"iteration {iteration} rollouts T={temperature:g}")
+                                 top_k=s.top_k, desc=f"iteration {iteration} rollouts T={temperature:g}",
+                                 kill_point_name="rollouts")
         rollouts = make_rollouts(queries, samples, P.cot_prompt, self.scorer)
         write_rollouts(path, rollouts)
         return rollouts
@@ -171,17 +172,27 @@ class SelfEvolvingRun:
             schedule = None if cfg.train.method == "continuous" else self.trainer.num_steps(
                 max(1, len(examples)), cfg.train.epochs)
             if cfg.train.method == "rest_em":
-                state = self.trainer.fresh_state(self.warmup_params, schedule)
+                state = self.trainer.fresh_state(self.warmup_params, schedule, copy=True)
             elif cfg.train.method == "iterative_rft":
                 state = self.trainer.fresh_state(state.params, schedule)
             if examples:
-                state, train_metrics = self.trainer.fit(state, examples, epochs=cfg.train.epochs,
-                                                        seed=_seed(cfg.seed, 23, i),
-                                                        desc=f"iteration {i} training", total_steps=schedule)
+                try:
+                    state, train_metrics = self.trainer.fit(state, examples, epochs=cfg.train.epochs,
+                                                            seed=_seed(cfg.seed, 23, i),
+                                                            desc=f"iteration {i} training", total_steps=schedule)
+                except TrainingError as err:
+                    kept = (f"the checkpoint of the {i} completed iteration(s) in {self.ckpt.directory} is intact and a rerun "
+                            "resumes from it" if i else "no iteration was checkpointed yet; a rerun starts again "
+                            "from the warm-up checkpoint")
+                    raise TrainingError(
+                        f"iteration {i} ({cfg.train.method}, T={loop.temperature:g}) training: {err}. Nothing of "
+                        f"this iteration was saved; {kept} (lower train.lr or inspect {self.rollouts_path(i)} "
+                        "first)") from err
                 record.update(train_metrics)
             else:
-                print(f"iteration {i}: no correct response among {len(rollouts)} queries; nothing to train on, "
-                      "the policy is unchanged", flush=True)
+                print(f"iteration {i}: no correct response among the {len(rollouts)} queries' "
+                      f"{cfg.train.num_samples} samples at T={loop.temperature:g}; nothing to train on, the policy "
+                      "is unchanged (the iteration is still checkpointed)", flush=True)
             self.log.log(record, step=int(state.step))
             loop.records.append(self.log.records[-1])
             need_dynamics = (cfg.dynamics.every and (i + 1) % cfg.dynamics.every == 0) or (

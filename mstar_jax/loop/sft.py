@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mstar_jax.loop.rollouts import load_images
@@ -35,8 +37,13 @@ class Trainer:
                 compute_dtype=getattr(self.train_cfg, "compute_dtype", "float32"))
         return self._steps[total_steps]
 
-    def fresh_state(self, params, total_steps: int | None = None) -> TrainState:
-        """A new optimizer state and schedule position over `params` (an explicit reset)."""
+    def fresh_state(self, params, total_steps: int | None = None, *, copy: bool = False) -> TrainState:
+        """A new optimizer state and schedule position over `params` (an explicit reset).
+
+        The step donates the state's buffers, so pass `copy=True` when `params` must survive training (the
+        warm-up params that rest_em restarts from, or that several study variants share)."""
+        if copy:
+            params = jax.tree.map(jnp.copy, params)
         tx = make_optimizer(self.optim(total_steps or self.total_steps))
         return create_train_state(params, tx, seed=self.seed)
 
@@ -44,30 +51,38 @@ class Trainer:
         """Updates needed to see every example `epochs` times at the global batch size."""
         return max(1, math.ceil(num_examples * epochs / self.global_batch))
 
-    def fit(self, state: TrainState, examples: Sequence[tuple], epochs: float, seed: int, desc: str = "training",
-            total_steps: int | None = None) -> tuple[TrainState, dict]:
-        """Train on (query, prompt, response) examples in shuffled global batches; returns state and mean metrics."""
-        from tqdm.auto import tqdm
-
+    def batches(self, examples: Sequence[tuple], epochs: float, seed: int) -> Iterator[dict]:
+        """The padded global batches `fit` trains on: seeded shuffles of the examples, each encoded once."""
         steps = self.num_steps(len(examples), epochs)
-        step_fn = self.step_fn(total_steps or self.total_steps)
         rng = np.random.default_rng(seed)
         order = np.concatenate([rng.permutation(len(examples))
                                 for _ in range(math.ceil(steps * self.global_batch / len(examples)))])
-        losses, tokens = [], 0
         encoded: dict[int, dict] = {}  # each example is decoded and tokenised once, however many epochs
         tok = self.policy.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        for s in tqdm(range(steps), desc=desc, unit="step", leave=False):
+        for s in range(steps):
             idx = order[s * self.global_batch:(s + 1) * self.global_batch]
             for i in idx:
                 if i not in encoded:
                     q, prompt, response = examples[i]
                     encoded[i] = sft_example(self.policy.processor, prompt, response, load_images(q.images)[0],
                                              self.max_length)
-            batch = pad_examples([encoded[i] for i in idx], int(pad), "right", pad_to_multiple=16)
+            yield pad_examples([encoded[i] for i in idx], int(pad), "right", pad_to_multiple=16)
+
+    def fit(self, state: TrainState, examples: Sequence[tuple], epochs: float, seed: int, desc: str = "training",
+            total_steps: int | None = None) -> tuple[TrainState, dict]:
+        """Train on (query, prompt, response) examples in shuffled global batches; returns state and mean metrics."""
+        from tqdm.auto import tqdm
+
+        from mstar_jax.faults import kill_point
+
+        steps = self.num_steps(len(examples), epochs)
+        step_fn = self.step_fn(total_steps or self.total_steps)
+        losses, tokens, metrics = [], 0, {}
+        for batch in tqdm(self.batches(examples, epochs, seed), total=steps, desc=desc, unit="step", leave=False):
             state, metrics = step_fn(state, batch)
             losses.append(metrics["loss"])
             tokens += int(batch["loss_mask"].sum())
+            kill_point("train_step")
         return state, {"loss": float(np.mean(losses)), "train_steps": steps, "train_tokens": tokens,
                        "lr": float(metrics.get("lr", float("nan")))}

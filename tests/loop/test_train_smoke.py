@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import signal
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def mstar(*args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "mstar_jax.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    proc = mstar("train", "--config", "smoke", "--workdir", str(workdir))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, proc.stdout
+from tests.loop.cli_helpers import copy_after_warmup, mstar
 
 
 @pytest.mark.slow
@@ -74,3 +57,31 @@ def test_other_config_on_same_workdir_is_refused(smoke_run):
 def test_unknown_key_lists_close_names(tmp_path):
     proc = mstar("train", "--config", "smoke", "--workdir", str(tmp_path), "--config.train.methd=rest_em")
     assert proc.returncode == 2 and "train.method" in proc.stderr
+
+
+# Smoke: 2 iterations of 16 queries, 2 sampling chunks each, >= 1 SFT step each (asserted via the kill).
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["rollouts:3", "train_step:2", "checkpoint_write:1"])
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(smoke_run, tmp_path, kill_at):
+    reference, _ = smoke_run
+    workdir = copy_after_warmup(reference, tmp_path / "run")
+    killed = mstar("train", "--config", "smoke", "--workdir", str(workdir), MSTAR_KILL_AT=kill_at)
+    assert killed.returncode == -signal.SIGKILL, f"{kill_at} was never reached: " + killed.stdout[-2000:]
+    assert not (workdir / "results" / "final.json").exists()
+    resumed = mstar("train", "--config", "smoke", "--workdir", str(workdir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    exported = sorted(p.name for p in (reference / "export").glob("*.safetensors")) + ["config.json"]
+    for f in exported:
+        assert (workdir / "export" / f).read_bytes() == (reference / "export" / f).read_bytes(), f
+    for f in ("iter_0000.jsonl", "iter_0001.jsonl"):
+        assert (workdir / "rollouts" / f).read_text() == (reference / "rollouts" / f).read_text(), f
+
+
+def test_missing_data_file_is_named(tmp_path):
+    proc = mstar("train", "--config", "smoke", "--workdir", str(tmp_path), "--config.data.source=files",
+                 "--config.model.path=/nonexistent/model", f"--config.data.train={tmp_path}/train.json",
+                 f"--config.data.test_id={tmp_path}/test.json")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{tmp_path}/train.json: data file for split 'train' not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
