@@ -359,10 +359,13 @@ def _nucleus_unsorted(logits_rv, lse_r, top_p, iters: int = 40):
 
 def sample_tokens(logits, keys, step, temperature, top_p, mode: Mode):
     """(token [R], log-prob under the sampling distribution [R], model log-prob [R]) for next-token logits [R, V]."""
-    model_lp_all = jax.nn.log_softmax(logits, axis=-1)
+    def model_lp(tok):
+        # The chosen token's logit minus a logsumexp: no [R, V] log-softmax array is written per step.
+        return jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
     if mode.greedy:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        lp = jnp.take_along_axis(model_lp_all, tok[:, None], axis=-1)[:, 0]
+        lp = model_lp(tok)
         return tok, lp, lp
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
@@ -397,8 +400,7 @@ def sample_tokens(logits, keys, step, temperature, top_p, mode: Mode):
         tok, lp = jax.lax.cond(fits, small, full, None)
     else:
         tok, lp = pick(scaled, None)
-    model_lp = jnp.take_along_axis(model_lp_all, tok[:, None], axis=-1)[:, 0]
-    return tok, lp, model_lp
+    return tok, lp, model_lp(tok)
 
 
 def _forward_token(model, state: DecodeState, tok):
