@@ -137,14 +137,17 @@ def num_targets_bound(loss_mask: np.ndarray, multiple: int = 16, groups: int = 1
     """Static target count for `response_loss_sum`: the most targets in one row group, rounded up to a bucket.
 
     `loss_mask` is [rows, T] or [micro_steps, rows, T] (the bound covers every micro-batch). Buckets are
-    multiples of `multiple`, coarsened to 1/8 of the power of two below the count (<= 12.5% padding), so
-    steps with similar response lengths share one compiled shape.
+    `multiple` x {2^k, 1.5 x 2^k}: a new bucket recompiles the whole step (seconds on CPU, minutes for a large
+    model), so they are coarse; the cost is at most 50 % padding in the LM head over the response tokens.
     """
     lm = np.asarray(loss_mask)
     lm = lm.reshape(-1, groups, lm.shape[-2] // groups, lm.shape[-1])[..., 1:]
     most = int(lm.sum(axis=(-2, -1)).max(initial=0))
-    step = max(multiple, 2 ** max(most.bit_length() - 4, 0))
-    return max(1, min(lm.shape[-3] * lm.shape[-2] * lm.shape[-1], -(-most // step) * step))
+    units = -(-most // multiple)
+    bucket = 1
+    while bucket < units:
+        bucket = bucket * 3 // 2 if bucket >= 2 and bucket & (bucket - 1) == 0 else 2 ** bucket.bit_length()
+    return max(1, min(lm.shape[-3] * lm.shape[-2] * lm.shape[-1], bucket * multiple))
 
 
 # ------------------------------------------------------------------------------------------------ step

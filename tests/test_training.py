@@ -239,3 +239,20 @@ def test_bf16_compute_with_fp32_master(tiny):
         assert floats and all(x.dtype == jnp.float32 for x in floats)
         assert np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"]
+
+
+def test_target_bound_buckets_are_coarse_and_cover_the_targets():
+    """Steps whose response-token counts differ by tens share a bucket (each new bucket recompiles)."""
+    from mstar_jax.training import num_targets_bound
+
+    def bound(n, rows=4, t=2048):
+        m = np.zeros((rows, t), np.int32)
+        m[0, 1:n + 1] = 1
+        return num_targets_bound(m)
+
+    counts = range(300, 501)
+    assert all(bound(n) >= n for n in range(1, 1200))
+    assert len({bound(n) for n in counts}) == 2  # 384 and 512
+    assert max(bound(n) / n for n in range(64, 1200)) <= 1.5
+    full = np.ones((2, 1024), np.int32)  # 2 x 1023 targets: the bucket (2048) is capped at the positions there are
+    assert num_targets_bound(full) == 2 * 1023

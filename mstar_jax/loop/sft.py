@@ -52,22 +52,26 @@ class Trainer:
         return max(1, math.ceil(num_examples * epochs / self.global_batch))
 
     def batches(self, examples: Sequence[tuple], epochs: float, seed: int) -> Iterator[dict]:
-        """The padded global batches `fit` trains on: seeded shuffles of the examples, each encoded once."""
+        """The padded global batches `fit` trains on: seeded shuffles of the examples, each encoded once.
+
+        Every batch of one fit is padded to the same length (the longest example's, rounded up to 16): a new
+        shape recompiles the step, which costs far more than the padding."""
         steps = self.num_steps(len(examples), epochs)
         rng = np.random.default_rng(seed)
         order = np.concatenate([rng.permutation(len(examples))
                                 for _ in range(math.ceil(steps * self.global_batch / len(examples)))])
-        encoded: dict[int, dict] = {}  # each example is decoded and tokenised once, however many epochs
+        used = sorted(set(order[:steps * self.global_batch].tolist()))
+        encoded = {}  # each example is decoded and tokenised once, however many epochs
+        for i in used:
+            q, prompt, response = examples[i]
+            encoded[i] = sft_example(self.policy.processor, prompt, response, load_images(q.images)[0],
+                                     self.max_length)
+        length = -(-max(len(e["input_ids"]) for e in encoded.values()) // 16) * 16
         tok = self.policy.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for s in range(steps):
             idx = order[s * self.global_batch:(s + 1) * self.global_batch]
-            for i in idx:
-                if i not in encoded:
-                    q, prompt, response = examples[i]
-                    encoded[i] = sft_example(self.policy.processor, prompt, response, load_images(q.images)[0],
-                                             self.max_length)
-            yield pad_examples([encoded[i] for i in idx], int(pad), "right", pad_to_multiple=16)
+            yield pad_examples([encoded[i] for i in idx], int(pad), "right", length=length)
 
     def fit(self, state: TrainState, examples: Sequence[tuple], epochs: float, seed: int, desc: str = "training",
             total_steps: int | None = None) -> tuple[TrainState, dict]:

@@ -219,3 +219,15 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(world, 
     assert meta["iteration"] == 1
     assert_same(restored.params, good_host)
     again.close()
+
+
+def test_batches_of_one_fit_share_one_shape(world, rollouts_dir):
+    """Short answers and long rationales in one fit: one padded length, so the step compiles once."""
+    from mstar_jax.loop.sft import Trainer
+
+    policy, _, cfg = world
+    trainer = Trainer(policy, cfg.train, total_steps=SCHEDULE, max_length=160)
+    batches = list(trainer.batches(rollouts_dir[1][0], 2.0, seed=0))
+    assert len(batches) > 2 and len({b["input_ids"].shape for b in batches}) == 1
+    lengths = np.concatenate([b["attention_mask"].sum(1) for b in batches])
+    assert lengths.max() > lengths.min() + 8  # the examples themselves differ in length
