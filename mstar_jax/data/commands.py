@@ -20,8 +20,8 @@ def register(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--sizes", default="", help="split sizes, e.g. warmup=256,train=1024,test_ood=0")
     synth.add_argument("--config", action="append", default=[],
-                       help="generator setting key=value (image_size, difficulty, mc_fraction, workers) or a "
-                            "JSON file of them; repeatable")
+                       help="generator setting key=value (image_size, difficulty, mc_fraction, families, workers) "
+                            "or a JSON file of them; repeatable")
     synth.set_defaults(handler=_synth)
 
     prep = sub.add_parser("prepare", help="read a dataset file and write ArrayRecord shards")

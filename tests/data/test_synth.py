@@ -72,7 +72,64 @@ def test_items_are_short_and_mixed():
     assert max(len(it["rationale"].split()) for it in items) <= 40
     kinds = {(bool(it["choices"]), it["answer_type"]) for it in items}
     assert {(False, "integer"), (True, "text"), (False, "float"), (False, "list")} <= kinds
-    assert len({it["family"] for it in items}) == 6
+    assert len({it["family"] for it in items}) == 8
+
+
+def test_families_and_mc_fraction_pick_what_is_drawn():
+    cfg = SynthConfig(seed=0, sizes=SIZES, image_size=56, families="blocks, bars", mc_fraction=0.0)
+    assert cfg.families == ("blocks", "bars")
+    items = [make_item(0, split, i, cfg) for split in ("train", "test_ood") for i in range(80)]
+    assert {it["family"] for it in items} == {"blocks", "bars"}
+    # Only "which bar is the tallest" stays multiple choice (its answer is a colour).
+    assert all(it["question"] == "Which bar is the tallest?" for it in items if it["choices"])
+    with pytest.raises(ValueError, match="unknown synth families"):
+        SynthConfig(families=("blocks", "maze"))
+    with pytest.raises(ValueError, match="mc_fraction"):
+        SynthConfig(mc_fraction=1.5)
+
+
+def drawn_items(family, count):
+    """(item, RGB pixels as int array) for `count` train and `count` test_ood items of one family at 224 px."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    cfg = SynthConfig(seed=0, sizes=SIZES, image_size=224, families=family)
+    for split in ("train", "test_ood"):
+        for i in range(count):
+            it = make_item(0, split, i, cfg)
+            yield split, it, np.asarray(Image.open(io.BytesIO(it["png"])).convert("RGB")).astype(int)
+
+
+def test_blocks_answers_follow_from_the_drawn_grid():
+    """Every blocks answer is recomputed from the image's pixels: one shape per cell of a 4 x 4 grid."""
+    import numpy as np
+
+    from mstar_jax.data.synth import COLORS
+
+    for _, it, px in drawn_items("blocks", 40):
+        cells = []  # (colour, shape) of each occupied cell, read at its centre and its corner
+        for gy in range(4):
+            for gx in range(4):
+                centre = px[gy * 56 + 28, gx * 56 + 28]
+                name = [c for c, rgb in COLORS.items() if np.abs(centre - rgb).max() < 10]
+                if name:
+                    corner = px[gy * 56 + 28 - 16, gx * 56 + 28 - 16]
+                    cells.append((name[0], "square" if np.abs(corner - centre).max() < 10 else "circle"))
+        colours = [c for c, _ in cells]
+        q, ans = it["question"], int(it["answer"])
+        words = q.split()
+        if q.startswith("How many more"):
+            assert ans == colours.count(words[3]) - colours.count(words[6])
+        elif "in total" in q:
+            assert ans == colours.count(words[2]) + colours.count(words[4])
+        elif "are not" in q:
+            assert ans == len(cells) - colours.count(words[-1].rstrip("?"))
+        elif words[3] in ("circles", "squares"):
+            assert ans == cells.count((words[2], words[3][:-1]))
+        else:
+            assert ans == colours.count(words[2]), q
 
 
 def test_ood_has_larger_numbers_and_new_questions():
@@ -104,3 +161,26 @@ def test_cli_synth(tmp_path, capsys):
     assert rc == 0 and (tmp_path / "d" / "test_ood.json").exists()
     assert main(["data", "synth", str(tmp_path / "e"), "--config", "difficulty=9"]) == 2
     assert "difficulty must be" in capsys.readouterr().err
+
+
+def test_dice_answers_follow_from_the_drawn_pips():
+    """Every dice answer is recomputed from the image: white pips counted inside each coloured die."""
+    import numpy as np
+    from scipy import ndimage
+
+    from mstar_jax.data.synth import COLORS
+
+    for split, it, px in drawn_items("dice", 30):
+        faces, tops = [], []
+        for x0 in (12, 120):  # the two dice (out of domain they may sit at the top or the bottom)
+            top = int(np.flatnonzero((px[:, x0 + 3] < 240).any(-1))[0])
+            die = px[top:top + 93, x0:x0 + 93]
+            assert any(np.abs(die[3, 3] - v).max() < 10 for v in COLORS.values())
+            tops.append(top)
+            faces.append(ndimage.label((die > 240).all(-1))[1])
+        a, b = faces
+        q, ans = it["question"], int(it["answer"])
+        expected = {"What is the sum of the two dice?": a + b, "What is the product of the two dice?": a * b,
+                    "What number does the left die show?": a, "What number does the right die show?": b}
+        assert ans == expected[q], (q, faces)
+        assert tops[0] == tops[1] and (tops[0] != 66) == (split == "test_ood")  # OOD: moved to an edge
