@@ -13,6 +13,7 @@ def get_config():
     c.model.pretrain.update({"queries": 64, "steps": 20, "batch_size": 8})
     c.sampling.update({"max_new_tokens": 16, "batch_size": 32})
     c.warmup.update({"num_samples": 4, "epochs": 1})
-    c.train.update({"interval": 0.5, "num_samples": 4, "global_batch": 8, "micro_batch": 4})
+    c.train.update({"interval": 0.5, "passes": 1.0, "epochs": 1, "num_samples": 4, "global_batch": 8,
+                    "micro_batch": 4})
     c.dynamics.update({"num_samples": 2, "grid_low": 0.5, "grid_high": 1.0, "grid_step": 0.5})
     return c

@@ -21,11 +21,13 @@ def queries_from_records(records, root: Path) -> list[Query]:
     return out
 
 
-def _synth(out: Path, seed: int, sizes: dict, image_size: int, difficulty: int, say) -> Path:
+def _synth(out: Path, seed: int, sizes: dict, d, say) -> Path:
+    """Generate the synthetic splits of the `data` section `d` into `out` (once)."""
     from mstar_jax.data.synth import SynthConfig, generate
 
     if not (out / "manifest.json").exists():
-        generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=image_size, difficulty=difficulty))
+        generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=d.image_size, difficulty=d.difficulty,
+                                  mc_fraction=d.get("mc_fraction", 0.3), families=d.get("families", "")))
         publish(out, last="manifest.json")  # the manifest marks the data complete
         say(f"synthetic data: generated {sum(sizes.values())} items in {out}")
     return out
@@ -37,7 +39,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
 
     d = cfg.data
     if d.source == "synthetic":
-        root = _synth(workdir / "data", cfg.seed, d.synth_sizes.to_dict(), d.image_size, d.difficulty, say)
+        root = _synth(workdir / "data", cfg.seed, d.synth_sizes.to_dict(), d, say)
         files = {s: root / f"{s}.json" for s in SPLITS if d.synth_sizes.get(s)}
     elif d.source == "files":
         root = Path(d.root) if d.root else None
@@ -58,8 +60,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
         splits[name] = queries_from_records(records, split_root)
     if not cfg.model.path:
         p = cfg.model.pretrain
-        proot = _synth(workdir / "data_pretrain", cfg.seed + 1000, {"warmup": int(p.queries)}, d.image_size,
-                       d.difficulty, say)
+        proot = _synth(workdir / "data_pretrain", cfg.seed + 1000, {"warmup": int(p.queries)}, d, say)
         records, _ = read_dataset(proot / "warmup.json", root=proot)
         splits["pretrain"] = queries_from_records(records, proot)
     return splits

@@ -58,11 +58,13 @@ def total_iterations(interval: float, passes: float) -> int:
 
 def continuous_schedule_steps(cfg, num_queries: int, trainer) -> int:
     """Length of the one LR schedule of a continuous run: `train.total_steps`, or an estimate that assumes
-    half of the K samples are kept (at most M per query) for every query of every iteration."""
+    half of the K samples are kept (at most M per query, at most the re-ranker's top N) for every query of
+    every iteration."""
     if getattr(cfg.train, "total_steps", 0):
         return int(cfg.train.total_steps)
     iters = total_iterations(cfg.train.interval, cfg.train.passes)
-    per_query = min(cfg.train.max_per_query or cfg.train.num_samples, max(1, cfg.train.num_samples // 2))
+    per_query = min(cfg.train.max_per_query or cfg.train.num_samples, cfg.train.get("rerank_top") or
+                    cfg.train.num_samples, max(1, cfg.train.num_samples // 2))
     per_iter = num_queries / iterations_per_pass(cfg.train.interval) * per_query
     return iters * trainer.num_steps(max(1, int(per_iter)), cfg.train.epochs)
 

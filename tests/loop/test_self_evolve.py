@@ -29,3 +29,25 @@ def test_total_iterations_and_bad_interval():
     assert total_iterations(0.25, 2.0) == 8
     with pytest.raises(ConfigError):
         iterations_per_pass(0.0)
+
+
+def test_continuous_schedule_estimate_counts_the_kept_responses():
+    from ml_collections import ConfigDict
+
+    from mstar_jax.loop.self_evolve import continuous_schedule_steps
+
+    class Steps:  # the Trainer's step count at a global batch of 32
+        def num_steps(self, n, epochs):
+            return -(-int(n * epochs) // 32)
+
+    train = ConfigDict({"total_steps": 0, "interval": 0.25, "passes": 2.0, "num_samples": 8, "max_per_query": 4,
+                        "rerank_top": 2, "epochs": 2})
+    cfg = ConfigDict({"train": train})
+    # 8 iterations of 128 queries, at most 2 kept per query (the re-ranker's top 2), 2 epochs: 16 steps each.
+    assert continuous_schedule_steps(cfg, 512, Steps()) == 8 * 16
+    with cfg.unlocked():
+        cfg.train.rerank_top = 0  # then M=4 of K=8 bound it
+    assert continuous_schedule_steps(cfg, 512, Steps()) == 8 * 32
+    with cfg.unlocked():
+        cfg.train.total_steps = 77
+    assert continuous_schedule_steps(cfg, 512, Steps()) == 77

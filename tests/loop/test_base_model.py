@@ -1,0 +1,25 @@
+"""The demo base model's pre-training mix: direct answers, CoT rationales and hinted rationales."""
+
+from __future__ import annotations
+
+from mstar_jax.loop import prompts as P
+from mstar_jax.loop.base_model import pretrain_examples
+from mstar_jax.loop.rollouts import Query
+
+
+def queries(n):
+    return [Query(f"q{i}", (), {"question": f"What is {i} + 1?", "answer": str(i + 1), "choices": None,
+                                 "rationale": f"{i} + 1 = {i + 1}. The answer is {i + 1}."}) for i in range(n)]
+
+
+def test_fractions_pick_the_prompt_forms():
+    qs = queries(400)
+    mix = pretrain_examples(qs, cot_fraction=0.0, seed=0, hint_fraction=0.25)
+    direct = [e for e in mix if e[1] == P.direct_prompt(e[0].item)]
+    hinted = [e for e in mix if e[1] == P.hinted_prompt(e[0].item)]
+    assert len(direct) == 400 and all(r == f"The answer is {q.item['answer']}." for q, _, r in direct)
+    assert 70 <= len(hinted) <= 130 and all(r == q.item["rationale"] for q, _, r in hinted)
+    assert len(mix) == len(direct) + len(hinted)  # cot_fraction 0: the plain CoT prompt is never trained
+    both = pretrain_examples(qs, cot_fraction=1.0, seed=0, hint_fraction=1.0)
+    assert len(both) == 3 * 400
+    assert pretrain_examples(qs, 0.3, seed=5, hint_fraction=0.3) == pretrain_examples(qs, 0.3, 5, 0.3)
