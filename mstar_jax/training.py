@@ -143,10 +143,9 @@ def num_targets_bound(loss_mask: np.ndarray, multiple: int = 16, groups: int = 1
     lm = np.asarray(loss_mask)
     lm = lm.reshape(-1, groups, lm.shape[-2] // groups, lm.shape[-1])[..., 1:]
     most = int(lm.sum(axis=(-2, -1)).max(initial=0))
-    units = -(-most // multiple)
-    bucket = 1
-    while bucket < units:
-        bucket = bucket * 3 // 2 if bucket >= 2 and bucket & (bucket - 1) == 0 else 2 ** bucket.bit_length()
+    units = max(1, -(-most // multiple))
+    power = 1 << (units - 1).bit_length()  # the smallest power of two >= units
+    bucket = power * 3 // 4 if power >= 4 and units <= power * 3 // 4 else power
     return max(1, min(lm.shape[-3] * lm.shape[-2] * lm.shape[-1], bucket * multiple))
 
 

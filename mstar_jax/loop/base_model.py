@@ -4,8 +4,8 @@ Like the paper's base LMMs it answers directly, writes a (weak) rationale when t
 explain a given answer: most pre-training examples pair the direct prompt with "The answer is X.", small
 fractions pair the CoT prompt, and the answer-hinted prompt of the warm-up, with the generator's rationale.
 (Without hinted examples a tiny model has never seen a prompt that long and degenerates on it, where a real
-instruction-tuned LMM follows the hint.) The result is saved in HF format and then enters the loop through the same
-HF -> Flax conversion as a real checkpoint.
+instruction-tuned LMM follows the hint.) The result is saved in HF format and then enters the loop through the
+same HF -> Flax conversion as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def pretrain_examples(queries: Sequence[Query], cot_fraction: float, seed: int,
         answer = f"The answer is {q.item['answer']}."
         out.append((q, P.direct_prompt(q.item), answer))
         cot, hint = rng.random(2)
-        if q.item.get("rationale") and cot < cot_fraction:
-            out.append((q, P.cot_prompt(q.item), q.item["rationale"]))
-        if q.item.get("rationale") and hint < hint_fraction:
-            out.append((q, P.hinted_prompt(q.item), q.item["rationale"]))
+        rationale = q.item.get("rationale")
+        if rationale and cot < cot_fraction:
+            out.append((q, P.cot_prompt(q.item), rationale))
+        if rationale and hint < hint_fraction:
+            out.append((q, P.hinted_prompt(q.item), rationale))
     return out
 
 

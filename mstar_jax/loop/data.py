@@ -26,8 +26,9 @@ def _synth(out: Path, seed: int, sizes: dict, d, say) -> Path:
     from mstar_jax.data.synth import SynthConfig, generate
 
     if not (out / "manifest.json").exists():
+        optional = {k: d[k] for k in ("mc_fraction", "families") if k in d}  # absent: SynthConfig's defaults
         generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=d.image_size, difficulty=d.difficulty,
-                                  mc_fraction=d.get("mc_fraction", 0.3), families=d.get("families", "")))
+                                  **optional))
         publish(out, last="manifest.json")  # the manifest marks the data complete
         say(f"synthetic data: generated {sum(sizes.values())} items in {out}")
     return out
