@@ -48,6 +48,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from mstar_jax.errors import CheckpointError, TrainingError
+from mstar_jax.weights import orbax_path
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class CheckpointManager:
                  save_interval_steps: int = 1000, async_save: bool = True):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        self.directory = epath.Path(directory)
+        self.directory = orbax_path(directory)
         self.save_interval_steps = save_interval_steps
         self._check_directory()
         self._kept = _KeptSteps(self._read_kept())

@@ -152,7 +152,7 @@ def save_params(flat: dict[tuple, Any], directory: str | Path) -> None:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(_abs(directory), nest(flat))
+        ckptr.save(orbax_path(directory), nest(flat))
         ckptr.wait_until_finished()
 
 
@@ -163,13 +163,14 @@ def restore_params(directory: str | Path, abstract: dict[tuple, Any]) -> dict[tu
     target = nest(abstract)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(_abs(directory), target)
+            restored = ckptr.restore(orbax_path(directory), target)
     except Exception as err:
         raise CheckpointError(f"{directory}: cannot restore parameters ({err})") from err
     return {path: _get(restored, path) for path in abstract}
 
 
-def _abs(directory):
+def orbax_path(directory):
+    """The path Orbax is given: gs:// as is, a local path made absolute (Orbax refuses relative ones)."""
     from etils import epath
 
     return epath.Path(directory) if str(directory).startswith("gs://") else Path(directory).absolute()

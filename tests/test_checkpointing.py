@@ -88,6 +88,20 @@ def test_save_restore_bitwise(tmp_path):
         state["opt_state"][0].nu["emb"]).tobytes()
 
 
+
+def test_relative_directory(tmp_path, monkeypatch):
+    """`mstar train` defaults to the relative workdir runs/demo; Orbax itself refuses relative paths."""
+    monkeypatch.chdir(tmp_path)
+    state = _train_state()
+    with CheckpointManager("runs/ckpt") as ckpt:
+        ckpt.save(1, state, META)
+        ckpt.wait()
+    with CheckpointManager("runs/ckpt") as ckpt:
+        restored, meta = ckpt.restore(abstract_state=abstract_like(state))
+    _bitwise_equal(restored, state)
+    assert meta == META and (tmp_path / "runs" / "ckpt" / "1").is_dir()
+
+
 @struct.dataclass
 class _State:
     params: dict
