@@ -41,7 +41,7 @@ def get_config() -> ConfigDict:
     # Like the paper's base LMMs, the base model answers directly and has never been trained to reason on its
     # own (cot_fraction 0), but can explain a given answer (hint_fraction), which is what the warm-up draws on.
     c.model.pretrain = ConfigDict({"queries": 2048, "steps": 500, "batch_size": 32, "lr": 2e-3,
-                                   "cot_fraction": 0.0, "hint_fraction": 0.15})
+                                   "cot_fraction": 0.0, "hint_fraction": 0.15, "cot_direct_fraction": 0.0})
 
     # Sampling.
     c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0})

@@ -49,7 +49,6 @@ import numpy as np
 from mstar_jax import sharding as shd
 from mstar_jax.conversion import merge
 from mstar_jax.errors import MstarError
-from mstar_jax.models import layers as L
 from mstar_jax.models.layers import KVCache
 from mstar_jax.models.llava.model import positions_from_mask
 
@@ -265,31 +264,27 @@ def _shared_prefix_attention(q, prefix: KVCache, prefix_valid, suffix: KVCache, 
 def _decode_forward(model, tok, positions, state: DecodeState):
     """Logits [R, V] for one new token per row and the updated suffix cache (prompt cache is read-only).
 
-    Mirrors `DecoderLayer`/`Attention` of the model with the shared-prefix attention above; the
-    per-step equality with a full forward is tested (tests/test_sampler.py).
+    The model's own decoder blocks with the shared-prefix attention above in place of theirs; the per-step
+    equality with a full forward is tested (tests/test_sampler.py).
     """
     lm = model.language_model
-    tc = model.cfg.text
-    rope = L.rope_frequencies(tc.rope_dict, tc.head_dim, tc.max_position_embeddings)
-    cos, sin = L.rope_cos_sin(rope, positions[:, None])
+    cos, sin = lm.rope(positions[:, None])
     x = model.embed(tok[:, None], None)  # [R, 1, D]
-    r = x.shape[0]
     suffix = []
     for layer, pre, suf in zip(lm.layers, state.prefix, state.suffix):
         a = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = L.apply_rope(a.q_proj(h).reshape(r, 1, a.heads, a.head_dim), cos, sin)
-        k = L.apply_rope(a.k_proj(h).reshape(r, 1, a.kv_heads, a.head_dim), cos, sin)
-        v = a.v_proj(h).reshape(r, 1, a.kv_heads, a.head_dim)
-        at = (0, 0, state.step, 0)
-        suf = KVCache(jax.lax.dynamic_update_slice(suf.k, k.transpose(0, 2, 1, 3).astype(suf.k.dtype), at),
-                      jax.lax.dynamic_update_slice(suf.v, v.transpose(0, 2, 1, 3).astype(suf.v.dtype), at))
+
+        def attend(h, a=a, pre=pre, suf=suf):
+            q, k, v = a.project(h, cos, sin)
+            at = (0, 0, state.step, 0)
+            suf = KVCache(jax.lax.dynamic_update_slice(suf.k, k.transpose(0, 2, 1, 3).astype(suf.k.dtype), at),
+                          jax.lax.dynamic_update_slice(suf.v, v.transpose(0, 2, 1, 3).astype(suf.v.dtype), at))
+            out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, suf, state.step, a.window,
+                                           a.head_dim ** -0.5)
+            return a.output(out[:, None]), suf
+
+        x, suf = layer.block(x, attend)
         suffix.append(suf)
-        out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, suf, state.step, a.window,
-                                       a.head_dim ** -0.5)
-        x = shd.constrain(x + a.o_proj(out.reshape(r, 1, a.heads * a.head_dim)), ("batch", "seq", "act_embed"))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = shd.constrain(x, ("batch", "seq", "act_embed"))
     logits = model.logits_from_hidden(lm.norm(x))[:, 0]
     return logits, _constrain_cache_hm(suffix)
 

@@ -31,13 +31,20 @@ QUESTIONS = [
 ]
 
 
-def add_sampler_args(p) -> None:
-    """Flags of `mstar bench sampler`."""
+def add_common_args(p, engine: str) -> None:
+    """Flags both benches share: the model, where it is built, torch threads, and skipping the HF side."""
     p.add_argument("--model", default=None,
                    help="HF LLaVA dir or converted checkpoint (default: build the bench model in --workdir)")
     p.add_argument("--workdir", default="runs/bench", help="where the default bench model is built and kept")
     p.add_argument("--size", default="bench", choices=["bench", "tiny"],
                    help="default model size when --model is not given (tiny: for tests)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
+    p.add_argument("--skip-hf", action="store_true", help=f"only measure our {engine}")
+
+
+def add_sampler_args(p) -> None:
+    """Flags of `mstar bench sampler`."""
+    add_common_args(p, "sampler")
     p.add_argument("--prompts", type=int, default=1, help="distinct prompts (one image each)")
     p.add_argument("--n", type=int, default=16, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -46,8 +53,6 @@ def add_sampler_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
     p.add_argument("--repeats", type=int, default=2, help="steady-state runs per engine (median is reported)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
-    p.add_argument("--skip-hf", action="store_true", help="only measure our sampler")
 
 
 class PeakRSS:

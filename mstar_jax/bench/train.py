@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
-from mstar_jax.bench.sampler import BENCH_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, bench_checkpoint, machine
+from mstar_jax.bench.sampler import (BENCH_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, add_common_args, bench_checkpoint,
+                                     machine)
 
 # The sampler's >= 20M-parameter bench model (8 x 512 Llama, 32k vocabulary) with 56px images (16 image
 # tokens), so a global batch of 128 short SFT examples takes seconds, not minutes, per step on 2 cores.
@@ -25,19 +25,13 @@ TRAIN_TINY_SPEC = dict(TINY_SPEC)
 
 def add_train_args(p) -> None:
     """Flags of `mstar bench train`."""
-    p.add_argument("--model", default=None,
-                   help="HF LLaVA dir or converted checkpoint (default: build the bench model in --workdir)")
-    p.add_argument("--workdir", default="runs/bench", help="where the default bench model is built and kept")
-    p.add_argument("--size", default="bench", choices=["bench", "tiny"],
-                   help="default model size when --model is not given (tiny: for tests)")
+    add_common_args(p, "step")
     p.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step (paper: 128)")
     p.add_argument("--micro-batch", type=int, default=32, help="examples per forward/backward (accumulated)")
     p.add_argument("--response-words", type=int, default=24, help="mean response length in words")
     p.add_argument("--steps", type=int, default=2, help="steady-state steps per engine (median is reported)")
     p.add_argument("--dtypes", default="float32", help="comma-separated compute dtypes: float32, bfloat16")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
-    p.add_argument("--skip-hf", action="store_true", help="only measure our step")
 
 
 def bench_model(args) -> tuple[Path, Path]:

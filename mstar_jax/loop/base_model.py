@@ -1,8 +1,8 @@
 """The demo's base model: a tiny LLaVA made with transformers and pre-trained here on synthetic visual math.
 
-Like the paper's base LMMs it answers directly, writes a (weak) rationale when the prompt asks for one, and can
-explain a given answer: most pre-training examples pair the direct prompt with "The answer is X.", small
-fractions pair the CoT prompt, and the answer-hinted prompt of the warm-up, with the generator's rationale.
+Like the paper's base LMMs it answers directly and can explain a given answer: most pre-training examples pair
+the direct prompt with "The answer is X."; configured fractions pair the CoT prompt with the generator's
+rationale or with the direct answer, and the answer-hinted prompt of the warm-up with the rationale.
 (Without hinted examples a tiny model has never seen a prompt that long and degenerates on it, where a real
 instruction-tuned LMM follows the hint.) The result is saved in HF format and then enters the loop through the
 same HF -> Flax conversion as a real checkpoint.
@@ -29,19 +29,23 @@ def corpus(queries: Sequence[Query]) -> list[str]:
     return out
 
 
-def pretrain_examples(queries: Sequence[Query], cot_fraction: float, seed: int,
-                      hint_fraction: float = 0.0) -> list[tuple[Query, str, str]]:
+def pretrain_examples(queries: Sequence[Query], cot_fraction: float, seed: int, hint_fraction: float = 0.0,
+                      cot_direct_fraction: float = 0.0) -> list[tuple[Query, str, str]]:
     """(query, prompt, response): direct answers, plus rationales after the CoT prompt for a `cot_fraction` of
-    the queries and after the answer-hinted prompt for a `hint_fraction`."""
+    the queries and after the answer-hinted prompt for a `hint_fraction`, and the direct answer after the CoT
+    prompt for a `cot_direct_fraction` (a base model that ignores the instruction to reason)."""
     rng = np.random.default_rng(seed)
     out = []
     for q in queries:
         answer = f"The answer is {q.item['answer']}."
         out.append((q, P.direct_prompt(q.item), answer))
         cot, hint = rng.random(2)
+        cot_direct = rng.random() if cot_direct_fraction else 1.0  # the same draws as before the option existed
         rationale = q.item.get("rationale")
         if rationale and cot < cot_fraction:
             out.append((q, P.cot_prompt(q.item), rationale))
+        elif cot_direct < cot_direct_fraction:
+            out.append((q, P.cot_prompt(q.item), answer))
         if rationale and hint < hint_fraction:
             out.append((q, P.hinted_prompt(q.item), rationale))
     return out
@@ -71,7 +75,8 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     policy = Policy(loaded, load_processor(init_dir))
     p = cfg.model.pretrain
     train_cfg = _PretrainCfg(lr=p.lr, global_batch=p.batch_size, micro_batch=p.batch_size)
-    examples = pretrain_examples(pretrain_queries, p.cot_fraction, cfg.seed, p.get("hint_fraction", 0.0))
+    examples = pretrain_examples(pretrain_queries, p.cot_fraction, cfg.seed, p.get("hint_fraction", 0.0),
+                                 p.get("cot_direct_fraction", 0.0))
     epochs = p.steps * p.batch_size / max(1, len(examples))
     trainer = Trainer(policy, train_cfg, total_steps=p.steps, max_length=cfg.data.max_prompt_tokens)
     state = trainer.fresh_state(policy.params)

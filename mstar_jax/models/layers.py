@@ -282,20 +282,29 @@ class Attention(nnx.Module):
         self.o_proj = Linear(heads * head_dim, hidden, ("heads", "embed"), bias=o_bias, dtype=dtype)
         self.heads, self.kv_heads, self.head_dim, self.window = heads, kv_heads, head_dim, window
 
-    def __call__(self, x: Array, cos: Array, sin: Array, kv_valid: Array, cache: KVCache | None,
-                 write_index: Array | int) -> tuple[Array, KVCache | None]:
+    def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+        """q [B, T, H, D], k and v [B, T, K, D] of `x`, RoPE applied to q and k."""
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        return q, k, self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+
+    def output(self, out: Array) -> Array:
+        """The output projection of attention results [B, T, H, D]."""
+        b, t = out.shape[:2]
+        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
+
+    def __call__(self, x: Array, cos: Array, sin: Array, kv_valid: Array, cache: KVCache | None,
+                 write_index: Array | int) -> tuple[Array, KVCache | None]:
+        t = x.shape[1]
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             idx = (0, write_index, 0, 0)
             cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), idx),
                             jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), idx))
             k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
         mask = attention_mask(kv_valid, t, write_index, self.window)
-        out = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache
+        return self.output(dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)), cache
 
 
 class GatedMLP(nnx.Module):

@@ -23,3 +23,14 @@ def test_fractions_pick_the_prompt_forms():
     both = pretrain_examples(qs, cot_fraction=1.0, seed=0, hint_fraction=1.0)
     assert len(both) == 3 * 400
     assert pretrain_examples(qs, 0.3, seed=5, hint_fraction=0.3) == pretrain_examples(qs, 0.3, 5, 0.3)
+
+
+def test_cot_direct_fraction_pairs_the_cot_prompt_with_the_direct_answer():
+    qs = queries(400)
+    mix = pretrain_examples(qs, cot_fraction=0.0, seed=1, cot_direct_fraction=0.5)
+    cot = [e for e in mix if e[1] == P.cot_prompt(e[0].item)]
+    assert 160 <= len(cot) <= 240 and all(r == f"The answer is {q.item['answer']}." for q, _, r in cot)
+    # A query whose rationale is drawn for the CoT prompt is not also given the direct answer there.
+    both = pretrain_examples(qs, cot_fraction=1.0, seed=1, cot_direct_fraction=1.0)
+    cot = [e for e in both if e[1] == P.cot_prompt(e[0].item)]
+    assert len(cot) == 400 and all(r == q.item["rationale"] for q, _, r in cot)

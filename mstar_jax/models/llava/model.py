@@ -95,7 +95,12 @@ class DecoderLayer(nnx.Module):
                               dtype=dtype)
 
     def __call__(self, x, cos, sin, kv_valid, cache, write_index):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache, write_index)
+        return self.block(x, lambda h: self.self_attn(h, cos, sin, kv_valid, cache, write_index))
+
+    def block(self, x, attend):
+        """The block around an attention function `attend(normed x) -> (output, cache)`; the sampler's decode
+        step passes its shared-prefix attention here."""
+        h, cache = attend(self.input_layernorm(x))
         x = constrain(x + h, ("batch", "seq", "act_embed"))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "seq", "act_embed")), cache
@@ -111,9 +116,13 @@ class Decoder(nnx.Module):
         self.norm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.cfg = cfg
 
-    def __call__(self, embeds, positions, kv_valid, cache, write_index):
+    def rope(self, positions: Array) -> tuple[Array, Array]:
+        """RoPE cos and sin at `positions` [B, T]."""
         rope = L.rope_frequencies(self.cfg.rope_dict, self.cfg.head_dim, self.cfg.max_position_embeddings)
-        cos, sin = L.rope_cos_sin(rope, positions)
+        return L.rope_cos_sin(rope, positions)
+
+    def __call__(self, embeds, positions, kv_valid, cache, write_index):
+        cos, sin = self.rope(positions)
         new_cache = [] if cache is not None else None
         x = embeds
         for i, layer in enumerate(self.layers):
