@@ -274,17 +274,17 @@ def _decode_forward(model, tok, positions, state: DecodeState):
     for layer, pre, suf in zip(lm.layers, state.prefix, state.suffix):
         a = layer.self_attn
 
-        def attend(h, a=a, pre=pre, suf=suf):
+        def attend(h):  # called at once by `block`, so the loop variables are the current layer's
             q, k, v = a.project(h, cos, sin)
             at = (0, 0, state.step, 0)
-            suf = KVCache(jax.lax.dynamic_update_slice(suf.k, k.transpose(0, 2, 1, 3).astype(suf.k.dtype), at),
+            new = KVCache(jax.lax.dynamic_update_slice(suf.k, k.transpose(0, 2, 1, 3).astype(suf.k.dtype), at),
                           jax.lax.dynamic_update_slice(suf.v, v.transpose(0, 2, 1, 3).astype(suf.v.dtype), at))
-            out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, suf, state.step, a.window,
+            out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, new, state.step, a.window,
                                            a.head_dim ** -0.5)
-            return a.output(out[:, None]), suf
+            return a.output(out[:, None]), new
 
-        x, suf = layer.block(x, attend)
-        suffix.append(suf)
+        x, new_suffix = layer.block(x, attend)
+        suffix.append(new_suffix)
     logits = model.logits_from_hidden(lm.norm(x))[:, 0]
     return logits, _constrain_cache_hm(suffix)
 
