@@ -6,6 +6,9 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
     """Config of `mstar train` with no arguments."""
     c = ConfigDict()
+    # The run's randomness: warm-up and rollout sampling, data order, iteration slices. The benchmark data and
+    # the base model have seeds of their own (data.seed, model.pretrain.seed; -1 = follow this one), so that,
+    # as in the paper, seeds compare runs of the recipe from one base model on one test set.
     c.seed = 0
 
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -13,6 +16,7 @@ def get_config() -> ConfigDict:
     # Data: `synthetic` makes the dataset in the workdir; `files` reads MathV360K/MathVista-format files.
     c.data = ConfigDict()
     c.data.source = "synthetic"
+    c.data.seed = 0  # draws of the synthetic splits (-1 = the run's seed)
     c.data.root = ""  # dataset root for `files` (images are resolved inside it)
     c.data.warmup = ""  # MathV360K-format JSON (questions with answers)
     c.data.train = ""  # MathV360K-format JSON: the labeled query set
@@ -41,7 +45,8 @@ def get_config() -> ConfigDict:
     # Like the paper's base LMMs, the base model answers directly and has never been trained to reason on its
     # own (cot_fraction 0), but can explain a given answer (hint_fraction), which is what the warm-up draws on.
     c.model.pretrain = ConfigDict({"queries": 2048, "steps": 500, "batch_size": 32, "lr": 2e-3,
-                                   "cot_fraction": 0.0, "hint_fraction": 0.15, "cot_direct_fraction": 0.0})
+                                   "cot_fraction": 0.0, "hint_fraction": 0.15, "cot_direct_fraction": 0.0,
+                                   "seed": 0})  # seed: initialisation and pre-training (-1 = the run's seed)
 
     # Sampling.
     c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0})
@@ -74,7 +79,9 @@ def get_config() -> ConfigDict:
     # Dynamics (paper 4.1) and adaptive temperature (paper 4.2).
     c.dynamics = ConfigDict({"num_samples": 4, "grid_low": 0.3, "grid_high": 1.6, "grid_step": 0.1,
                              "every": 1, "scorer": "mean_logprob"})
-    c.adaptive = ConfigDict({"enabled": True, "every": 2})
+    # window: the choice uses the mean validation Reward-Pass@2 of the last `window` iterations' dynamics
+    # (1 = the paper's, the current evaluation only); 2 doubles the samples behind a 64-query choice.
+    c.adaptive = ConfigDict({"enabled": True, "every": 2, "window": 2})
 
     c.eval = ConfigDict({"pass_k": 0})
     c.checkpoint = ConfigDict({"max_to_keep": 2})

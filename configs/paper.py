@@ -25,6 +25,6 @@ def get_config():
                     "schedule": "constant", "warmup_ratio": 0.1, "global_batch": 128, "micro_batch": 8,
                     "total_steps": 10_000, "compute_dtype": "bfloat16"})
     c.dynamics.update({"num_samples": 16, "grid_low": 0.3, "grid_high": 1.6, "grid_step": 0.1, "every": 1})
-    c.adaptive.update({"enabled": True, "every": 2})
+    c.adaptive.update({"enabled": True, "every": 2, "window": 1})
     c.checkpoint.max_to_keep = 3
     return c

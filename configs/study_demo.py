@@ -14,7 +14,7 @@ def get_config():
     """The demo plus `study.variants` (METHOD@PERCENT%[+adaptive], comma-separated)."""
     c = base_config(__file__, "demo")
     c.train.passes = 2.0
-    c.dynamics.every = 2  # monitoring every 2 iterations (the adaptive choice needs no more)
+    c.dynamics.every = 2  # monitoring every 2 iterations (adaptive variants also evaluate their window's)
     c.dynamics.grid_step = 0.2  # 0.3, 0.5, .., 1.5: half the validation sampling of the demo's grid
     c.export.enabled = False
     c.study = ConfigDict()

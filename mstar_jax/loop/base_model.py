@@ -51,6 +51,12 @@ def pretrain_examples(queries: Sequence[Query], cot_fraction: float, seed: int, 
     return out
 
 
+def pretrain_seed(cfg) -> int:
+    """Seed of the tiny model's initialisation and pre-training: `model.pretrain.seed`, else the run's `seed`."""
+    seed = int(cfg.model.pretrain.get("seed", -1))
+    return int(cfg.seed) if seed < 0 else seed
+
+
 def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log) -> Path:
     """Create, pre-train and save the tiny base model as an HF directory (skipped if already there)."""
     out = workdir / "base_hf"
@@ -62,11 +68,11 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
     from mstar_jax.policy import Policy, load_processor
 
-    t = cfg.model.tiny
+    t, seed = cfg.model.tiny, pretrain_seed(cfg)
     spec = TinySpec(vision=t.vision, text=t.text, image_size=t.image_size, patch_size=t.patch_size,
                     vision_hidden=t.vision_hidden, vision_layers=t.vision_layers, vision_heads=t.vision_heads,
                     hidden=t.hidden, intermediate=t.intermediate, layers=t.layers, heads=t.heads,
-                    kv_heads=t.kv_heads, vocab_size=t.vocab_size, seed=cfg.seed)
+                    kv_heads=t.kv_heads, vocab_size=t.vocab_size, seed=seed)
     init_dir = workdir / "base_init_hf"
     if not (init_dir / "config.json").exists():
         make_tiny_llava(init_dir, spec, corpus=corpus(pretrain_queries))
@@ -75,12 +81,12 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     policy = Policy(loaded, load_processor(init_dir))
     p = cfg.model.pretrain
     train_cfg = _PretrainCfg(lr=p.lr, global_batch=p.batch_size, micro_batch=p.batch_size)
-    examples = pretrain_examples(pretrain_queries, p.cot_fraction, cfg.seed, p.get("hint_fraction", 0.0),
+    examples = pretrain_examples(pretrain_queries, p.cot_fraction, seed, p.get("hint_fraction", 0.0),
                                  p.get("cot_direct_fraction", 0.0))
     epochs = p.steps * p.batch_size / max(1, len(examples))
     trainer = Trainer(policy, train_cfg, total_steps=p.steps, max_length=cfg.data.max_prompt_tokens)
     state = trainer.fresh_state(policy.params)
-    state, metrics = trainer.fit(state, examples, epochs=epochs, seed=cfg.seed, desc="pre-training the base model")
+    state, metrics = trainer.fit(state, examples, epochs=epochs, seed=seed, desc="pre-training the base model")
     log(f"pre-trained the tiny base model: {metrics['train_steps']} steps, final mean loss {metrics['loss']:.3f}")
     loaded.params = state.params
     export_hf(loaded, out, overwrite=True)

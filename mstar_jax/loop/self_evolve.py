@@ -28,7 +28,7 @@ from mstar_jax.loop import prompts as P
 from mstar_jax.loop.dynamics import DynamicsInput, dynamics_metrics
 from mstar_jax.loop.rollouts import Query, make_rollouts, read_rollouts, sample_queries, write_rollouts
 from mstar_jax.loop.selection import select_responses
-from mstar_jax.loop.temperature import choose_temperature, temperature_grid
+from mstar_jax.loop.temperature import choose_temperature, pooled_metric, temperature_grid
 
 log = logging.getLogger(__name__)
 METHODS = ("rest_em", "iterative_rft", "continuous")
@@ -116,6 +116,13 @@ def measure_dynamics(sampler, params, val: Sequence[Query], cfg, scorer, iterati
     return rows
 
 
+def _in_choice_window(iteration: int, a) -> bool:
+    """Whether the adaptive choice needs this iteration's validation evaluation (one of the last `window`
+    iterations before a choice, the choice's own included)."""
+    every, window = int(a.every), int(a.get("window", 1))
+    return every > 0 and (iteration % every == 0 or iteration % every > every - window)
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.default_rng([int(p) for p in parts]).integers(0, 2**31 - 1))
 
@@ -198,16 +205,19 @@ class SelfEvolvingRun:
             self.log.log(record, step=int(state.step))
             loop.records.append(self.log.records[-1])
             need_dynamics = (cfg.dynamics.every and (i + 1) % cfg.dynamics.every == 0) or (
-                adaptive and (i + 1) % cfg.adaptive.every == 0) or i + 1 == self.num_iterations
+                adaptive and _in_choice_window(i + 1, cfg.adaptive)) or i + 1 == self.num_iterations
             if need_dynamics and self.val:
                 rows = measure_dynamics(self.sampler, state.params, self.val, cfg, self.scorer, i + 1)
                 for row in rows:
                     self.log.log(row, step=int(state.step))
                     loop.records.append(self.log.records[-1])
                 if adaptive:
+                    window = int(cfg.adaptive.get("window", 1))
                     choice = choose_temperature(i + 1, loop.temperature,
-                                                {r["temperature"]: r["reward_pass@2"] for r in rows},
-                                                every=cfg.adaptive.every)
+                                                pooled_metric(loop.records, i + 1, window),
+                                                every=cfg.adaptive.every,
+                                                metric_name="reward_pass@2" + (f" (mean of the last {window} "
+                                                                               "iterations)" if window > 1 else ""))
                     if (i + 1) % cfg.adaptive.every == 0:
                         print(f"adaptive temperature: {choice.reason}", flush=True)
                         self.log.log({"stage": "temperature", "iteration": i + 1, "temperature": choice.temperature,

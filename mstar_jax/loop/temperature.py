@@ -23,6 +23,21 @@ class TemperatureChoice:
     reason: str
 
 
+def pooled_metric(records: list[dict], iteration: int, window: int = 1,
+                  metric_name: str = "reward_pass@2") -> dict[float, float]:
+    """Mean of the metric per temperature over the dynamics records of iterations (iteration - window, iteration].
+
+    A window of 2 with dynamics every iteration doubles the validation samples behind each choice, which a
+    small validation set needs: one 64-query evaluation moves by 2-3 queries between neighbouring
+    temperatures, enough to pick the top of the grid on noise.
+    """
+    sums: dict[float, list[float]] = {}
+    for r in records:
+        if r.get("stage") == "dynamics" and iteration - max(1, window) < r.get("iteration", -1) <= iteration:
+            sums.setdefault(float(r["temperature"]), []).append(float(r[metric_name]))
+    return {t: float(np.mean(v)) for t, v in sums.items()}
+
+
 def choose_temperature(iteration: int, current: float, metric_by_temperature: dict[float, float],
                        every: int = 2, metric_name: str = "reward_pass@2") -> TemperatureChoice:
     """Argmax of the metric over the grid at iterations divisible by `every`; otherwise keep `current`.

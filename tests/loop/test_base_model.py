@@ -34,3 +34,24 @@ def test_cot_direct_fraction_pairs_the_cot_prompt_with_the_direct_answer():
     both = pretrain_examples(qs, cot_fraction=1.0, seed=1, cot_direct_fraction=1.0)
     cot = [e for e in both if e[1] == P.cot_prompt(e[0].item)]
     assert len(cot) == 400 and all(r == q.item["rationale"] for q, _, r in cot)
+
+
+def test_base_model_and_data_seeds_are_separate_from_the_run_seed(tmp_path):
+    from mstar_jax.config import load_config_file, resolve_config_path
+    from mstar_jax.loop.base_model import pretrain_seed
+    from mstar_jax.loop.data import load_splits, synth_seed
+
+    cfg = load_config_file(resolve_config_path("smoke"))
+    assert (cfg.data.seed, cfg.model.pretrain.seed) == (0, 0)
+    runs = []
+    for seed in (0, 3):
+        cfg.seed = seed
+        assert (synth_seed(cfg), pretrain_seed(cfg)) == (0, 0)  # the run seed does not redraw them
+        splits = load_splits(cfg, tmp_path / f"run{seed}", lambda msg: None)
+        runs.append({name: [(q.id, q.item["question"], q.item["answer"]) for q in qs] for name, qs in splits.items()})
+    assert runs[0] == runs[1]  # one benchmark, one base model's pre-training data across run seeds
+    cfg.data.seed, cfg.model.pretrain.seed = -1, -1  # -1: follow the run seed (the old behaviour)
+    assert (synth_seed(cfg), pretrain_seed(cfg)) == (3, 3)
+    changed = load_splits(cfg, tmp_path / "follow", lambda msg: None)
+    assert [q.item["question"] + q.item["answer"] for q in changed["test_id"]] != \
+        [q + a for _, q, a in runs[0]["test_id"]]

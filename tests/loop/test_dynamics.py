@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mstar_jax.loop.dynamics import DynamicsInput, dynamics_metrics, reward_pass_at
-from mstar_jax.loop.temperature import choose_temperature, temperature_grid
+from mstar_jax.loop.temperature import choose_temperature, pooled_metric, temperature_grid
 
 
 def test_metrics_match_hand_computation():
@@ -43,3 +43,29 @@ def test_choice_is_argmax_and_only_every_two_iterations():
     assert c.temperature == 0.7 and c.changed and "0.7" in c.reason
     tie = choose_temperature(4, 1.0, {0.3: 0.5, 0.9: 0.5, 1.5: 0.1}, every=2)
     assert tie.temperature == 0.9  # tie -> closest to the current temperature
+
+
+def test_pooled_metric_is_the_mean_over_the_window():
+    rows = [{"stage": "dynamics", "iteration": it, "temperature": t, "reward_pass@2": v}
+            for it, t, v in [(1, 0.3, 0.1), (1, 0.7, 0.9), (2, 0.3, 0.5), (2, 0.7, 0.3), (3, 0.3, 0.0), (3, 0.7, 1.0)]]
+    rows.append({"stage": "iteration", "iteration": 2, "temperature": 0.3})  # not a dynamics row: ignored
+    assert pooled_metric(rows, 2, window=1) == {0.3: 0.5, 0.7: 0.3}  # the paper's: the current evaluation
+    assert pooled_metric(rows, 2, window=2) == pytest.approx({0.3: 0.3, 0.7: 0.6})  # (0.1+0.5)/2, (0.9+0.3)/2
+    assert pooled_metric(rows, 3, window=2) == pytest.approx({0.3: 0.25, 0.7: 0.65})
+    # The window flips the choice: iteration 2 alone says 0.3, iterations 1-2 together say 0.7.
+    assert choose_temperature(2, 1.0, pooled_metric(rows, 2, window=1)).temperature == 0.3
+    assert choose_temperature(2, 1.0, pooled_metric(rows, 2, window=2)).temperature == 0.7
+
+
+def test_adaptive_window_decides_which_iterations_are_evaluated():
+    from ml_collections import ConfigDict
+
+    from mstar_jax.loop.self_evolve import _in_choice_window
+
+    def evaluated(every, window):
+        return [i for i in range(1, 9) if _in_choice_window(i, ConfigDict({"every": every, "window": window}))]
+
+    assert evaluated(2, 1) == [2, 4, 6, 8]  # the paper's: only at the choice
+    assert evaluated(2, 2) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert evaluated(4, 2) == [3, 4, 7, 8]
+    assert evaluated(0, 2) == []  # adaptive choice off
