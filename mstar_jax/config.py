@@ -143,6 +143,12 @@ def load_config(name_or_path: str | None, overrides: Iterable[str] = (), default
     return cfg
 
 
+def section_seed(cfg: ConfigDict, section: ConfigDict) -> int:
+    """A section's own `seed` (e.g. `data.seed`), or the run's `seed` where the section's is negative or absent."""
+    seed = int(section.get("seed", -1))
+    return int(cfg.seed) if seed < 0 else seed
+
+
 def diff_configs(a: ConfigDict | dict, b: ConfigDict | dict, prefix: str = "") -> list[str]:
     """Keys whose values differ between two configs (used to refuse resuming a run with another config)."""
     da = a.to_dict() if isinstance(a, ConfigDict) else a

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mstar_jax.config import section_seed
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.rollouts import Query
 from mstar_jax.workdir import publish
@@ -51,12 +52,6 @@ def pretrain_examples(queries: Sequence[Query], cot_fraction: float, seed: int, 
     return out
 
 
-def pretrain_seed(cfg) -> int:
-    """Seed of the tiny model's initialisation and pre-training: `model.pretrain.seed`, else the run's `seed`."""
-    seed = int(cfg.model.pretrain.get("seed", -1))
-    return int(cfg.seed) if seed < 0 else seed
-
-
 def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log) -> Path:
     """Create, pre-train and save the tiny base model as an HF directory (skipped if already there)."""
     out = workdir / "base_hf"
@@ -68,7 +63,7 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
     from mstar_jax.policy import Policy, load_processor
 
-    t, seed = cfg.model.tiny, pretrain_seed(cfg)
+    t, seed = cfg.model.tiny, section_seed(cfg, cfg.model.pretrain)  # initialisation and pre-training
     spec = TinySpec(vision=t.vision, text=t.text, image_size=t.image_size, patch_size=t.patch_size,
                     vision_hidden=t.vision_hidden, vision_layers=t.vision_layers, vision_heads=t.vision_heads,
                     hidden=t.hidden, intermediate=t.intermediate, layers=t.layers, heads=t.heads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mstar_jax.config import section_seed
 from mstar_jax.errors import DataError
 from mstar_jax.loop.rollouts import Query
 from mstar_jax.workdir import publish
@@ -19,12 +20,6 @@ def queries_from_records(records, root: Path) -> list[Query]:
             raise DataError(f"record {r.id}: the loop needs an image per question")
         out.append(Query(r.id, tuple(str((root / p).resolve()) for p in r.images), r.to_item()))
     return out
-
-
-def synth_seed(cfg) -> int:
-    """Seed of the synthetic data: `data.seed`, or the run's `seed` where that is negative or absent."""
-    seed = int(cfg.data.get("seed", -1))
-    return int(cfg.seed) if seed < 0 else seed
 
 
 def _synth(out: Path, seed: int, sizes: dict, d, say) -> Path:
@@ -46,7 +41,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
 
     d = cfg.data
     if d.source == "synthetic":
-        root = _synth(workdir / "data", synth_seed(cfg), d.synth_sizes.to_dict(), d, say)
+        root = _synth(workdir / "data", section_seed(cfg, d), d.synth_sizes.to_dict(), d, say)
         files = {s: root / f"{s}.json" for s in SPLITS if d.synth_sizes.get(s)}
     elif d.source == "files":
         root = Path(d.root) if d.root else None
@@ -67,7 +62,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
         splits[name] = queries_from_records(records, split_root)
     if not cfg.model.path:
         p = cfg.model.pretrain
-        proot = _synth(workdir / "data_pretrain", synth_seed(cfg) + 1000, {"warmup": int(p.queries)}, d, say)
+        proot = _synth(workdir / "data_pretrain", section_seed(cfg, d) + 1000, {"warmup": int(p.queries)}, d, say)
         records, _ = read_dataset(proot / "warmup.json", root=proot)
         splits["pretrain"] = queries_from_records(records, proot)
     return splits

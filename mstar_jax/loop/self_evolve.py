@@ -116,10 +116,9 @@ def measure_dynamics(sampler, params, val: Sequence[Query], cfg, scorer, iterati
     return rows
 
 
-def _in_choice_window(iteration: int, a) -> bool:
+def _in_choice_window(iteration: int, every: int, window: int) -> bool:
     """Whether the adaptive choice needs this iteration's validation evaluation (one of the last `window`
     iterations before a choice, the choice's own included)."""
-    every, window = int(a.every), int(a.get("window", 1))
     return every > 0 and (iteration % every == 0 or iteration % every > every - window)
 
 
@@ -168,6 +167,7 @@ class SelfEvolvingRun:
         """Run the remaining iterations; returns the final train state and loop state."""
         cfg = self.cfg
         adaptive = bool(cfg.adaptive.enabled)
+        every, window = int(cfg.adaptive.every), int(cfg.adaptive.get("window", 1))
         while loop.iteration < self.num_iterations:
             i = loop.iteration
             rollouts = self.rollouts(state.params, i, loop.temperature)
@@ -205,20 +205,18 @@ class SelfEvolvingRun:
             self.log.log(record, step=int(state.step))
             loop.records.append(self.log.records[-1])
             need_dynamics = (cfg.dynamics.every and (i + 1) % cfg.dynamics.every == 0) or (
-                adaptive and _in_choice_window(i + 1, cfg.adaptive)) or i + 1 == self.num_iterations
+                adaptive and _in_choice_window(i + 1, every, window)) or i + 1 == self.num_iterations
             if need_dynamics and self.val:
                 rows = measure_dynamics(self.sampler, state.params, self.val, cfg, self.scorer, i + 1)
                 for row in rows:
                     self.log.log(row, step=int(state.step))
                     loop.records.append(self.log.records[-1])
                 if adaptive:
-                    window = int(cfg.adaptive.get("window", 1))
                     choice = choose_temperature(i + 1, loop.temperature,
-                                                pooled_metric(loop.records, i + 1, window),
-                                                every=cfg.adaptive.every,
+                                                pooled_metric(loop.records, i + 1, window), every=every,
                                                 metric_name="reward_pass@2" + (f" (mean of the last {window} "
                                                                                "iterations)" if window > 1 else ""))
-                    if (i + 1) % cfg.adaptive.every == 0:
+                    if (i + 1) % every == 0:
                         print(f"adaptive temperature: {choice.reason}", flush=True)
                         self.log.log({"stage": "temperature", "iteration": i + 1, "temperature": choice.temperature,
                                       "changed": choice.changed, "reason": choice.reason}, step=int(state.step))

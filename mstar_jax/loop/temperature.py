@@ -31,11 +31,11 @@ def pooled_metric(records: list[dict], iteration: int, window: int = 1,
     small validation set needs: one 64-query evaluation moves by 2-3 queries between neighbouring
     temperatures, enough to pick the top of the grid on noise.
     """
-    sums: dict[float, list[float]] = {}
+    values: dict[float, list[float]] = {}
     for r in records:
         if r.get("stage") == "dynamics" and iteration - max(1, window) < r.get("iteration", -1) <= iteration:
-            sums.setdefault(float(r["temperature"]), []).append(float(r[metric_name]))
-    return {t: float(np.mean(v)) for t, v in sums.items()}
+            values.setdefault(float(r["temperature"]), []).append(float(r[metric_name]))
+    return {t: float(np.mean(v)) for t, v in values.items()}
 
 
 def choose_temperature(iteration: int, current: float, metric_by_temperature: dict[float, float],

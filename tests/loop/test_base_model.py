@@ -37,21 +37,23 @@ def test_cot_direct_fraction_pairs_the_cot_prompt_with_the_direct_answer():
 
 
 def test_base_model_and_data_seeds_are_separate_from_the_run_seed(tmp_path):
-    from mstar_jax.config import load_config_file, resolve_config_path
-    from mstar_jax.loop.base_model import pretrain_seed
-    from mstar_jax.loop.data import load_splits, synth_seed
+    from mstar_jax.config import load_config_file, resolve_config_path, section_seed
+    from mstar_jax.loop.data import load_splits
+
+    def seeds(cfg):  # (synthetic data, base model)
+        return section_seed(cfg, cfg.data), section_seed(cfg, cfg.model.pretrain)
 
     cfg = load_config_file(resolve_config_path("smoke"))
     assert (cfg.data.seed, cfg.model.pretrain.seed) == (0, 0)
     runs = []
     for seed in (0, 3):
         cfg.seed = seed
-        assert (synth_seed(cfg), pretrain_seed(cfg)) == (0, 0)  # the run seed does not redraw them
+        assert seeds(cfg) == (0, 0)  # the run seed does not redraw them
         splits = load_splits(cfg, tmp_path / f"run{seed}", lambda msg: None)
         runs.append({name: [(q.id, q.item["question"], q.item["answer"]) for q in qs] for name, qs in splits.items()})
     assert runs[0] == runs[1]  # one benchmark, one base model's pre-training data across run seeds
     cfg.data.seed, cfg.model.pretrain.seed = -1, -1  # -1: follow the run seed (the old behaviour)
-    assert (synth_seed(cfg), pretrain_seed(cfg)) == (3, 3)
+    assert seeds(cfg) == (3, 3)
     changed = load_splits(cfg, tmp_path / "follow", lambda msg: None)
     assert [q.item["question"] + q.item["answer"] for q in changed["test_id"]] != \
         [q + a for _, q, a in runs[0]["test_id"]]
