@@ -44,9 +44,12 @@ def get_config() -> ConfigDict:
                                "intermediate": 512, "layers": 4, "heads": 6, "kv_heads": 2, "vocab_size": 640})
     # Like the paper's base LMMs, the base model answers directly and has never been trained to reason on its
     # own (cot_fraction 0), but can explain a given answer (hint_fraction), which is what the warm-up draws on.
+    # ood_fraction: the share of pre-training questions drawn like the OOD test (the paper's base models were
+    # pre-trained on data covering their OOD benchmarks' domains; warm-up and self-evolving stay in-domain).
+    # seed: initialisation and pre-training (-1 = the run's seed).
     c.model.pretrain = ConfigDict({"queries": 2048, "steps": 500, "batch_size": 32, "lr": 2e-3,
                                    "cot_fraction": 0.0, "hint_fraction": 0.15, "cot_direct_fraction": 0.0,
-                                   "seed": 0})  # seed: initialisation and pre-training (-1 = the run's seed)
+                                   "ood_fraction": 0.0, "seed": 0})
 
     # Sampling.
     c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0})

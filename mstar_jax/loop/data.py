@@ -61,8 +61,31 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
             say(f"{path}: {report.summary()}")
         splits[name] = queries_from_records(records, split_root)
     if not cfg.model.path:
-        p = cfg.model.pretrain
-        proot = _synth(workdir / "data_pretrain", section_seed(cfg, d) + 1000, {"warmup": int(p.queries)}, d, say)
-        records, _ = read_dataset(proot / "warmup.json", root=proot)
-        splits["pretrain"] = queries_from_records(records, proot)
+        splits["pretrain"] = _pretrain_queries(cfg, workdir, say)
     return splits
+
+
+def _pretrain_queries(cfg, workdir: Path, say) -> list[Query]:
+    """The demo base model's pre-training questions: in-domain draws plus an `ood_fraction` from the OOD generator.
+
+    Like the paper's base LMMs, whose pre-training covered the domains of their out-of-domain benchmarks, the
+    base may see the OOD image distribution (direct answers); warm-up and self-evolving queries stay in-domain,
+    so the OOD test measures whether what the recipe teaches transfers to a domain the base already knows.
+    Drawn under their own seed (data seed + 1000), so none is an item of the evaluated splits.
+    """
+    from mstar_jax.data.readers import read_dataset
+
+    p = cfg.model.pretrain
+    n = int(p.queries)
+    fraction = float(p.get("ood_fraction", 0.0))
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"model.pretrain.ood_fraction must be in [0, 1], got {fraction}")
+    n_ood = int(round(n * fraction))
+    sizes = {"warmup": n - n_ood, "test_ood": n_ood}
+    sizes = {k: v for k, v in sizes.items() if v}
+    proot = _synth(workdir / "data_pretrain", section_seed(cfg, cfg.data) + 1000, sizes, cfg.data, say)
+    out = []
+    for split in sizes:
+        records, _ = read_dataset(proot / f"{split}.json", root=proot)
+        out += queries_from_records(records, proot)
+    return out

@@ -190,8 +190,8 @@ class SelfEvolvingRun:
                                                             seed=_seed(cfg.seed, 23, i),
                                                             desc=f"iteration {i} training", total_steps=schedule)
                 except TrainingError as err:
-                    kept = (f"the checkpoint of the {i} completed iteration(s) in {self.ckpt.directory} is intact and a rerun "
-                            "resumes from it" if i else "no iteration was checkpointed yet; a rerun starts again "
+                    kept = (f"the checkpoint of the {i} completed iteration(s) in {self.ckpt.directory} is intact "
+                            "and a rerun resumes from it" if i else "no iteration was checkpointed yet; a rerun starts again "
                             "from the warm-up checkpoint")
                     raise TrainingError(
                         f"iteration {i} ({cfg.train.method}, T={loop.temperature:g}) training: {err}. Nothing of "

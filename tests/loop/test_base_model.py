@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.base_model import pretrain_examples
 from mstar_jax.loop.rollouts import Query
@@ -57,3 +59,35 @@ def test_base_model_and_data_seeds_are_separate_from_the_run_seed(tmp_path):
     changed = load_splits(cfg, tmp_path / "follow", lambda msg: None)
     assert [q.item["question"] + q.item["answer"] for q in changed["test_id"]] != \
         [q + a for _, q, a in runs[0]["test_id"]]
+
+
+def test_pretrain_ood_fraction_draws_that_share_from_the_ood_generator(tmp_path):
+    import pytest
+
+    from mstar_jax.config import load_config_file, resolve_config_path
+    from mstar_jax.errors import DataError
+    from mstar_jax.loop.data import load_splits
+
+    def generator(q):  # the synthetic split whose generator drew the item (its image folder)
+        return Path(q.images[0]).parent.name
+
+    cfg = load_config_file(resolve_config_path("smoke"))
+    n = int(cfg.model.pretrain.queries)
+    plain = load_splits(cfg, tmp_path / "plain", lambda msg: None)
+    assert [generator(q) for q in plain["pretrain"]] == ["warmup"] * n  # default: in-domain only
+    cfg.model.pretrain.ood_fraction = 0.25
+    mixed = load_splits(cfg, tmp_path / "mixed", lambda msg: None)
+    kinds = [generator(q) for q in mixed["pretrain"]]
+    assert len(kinds) == n and kinds.count("test_ood") == round(n * 0.25)
+    # The in-domain part is the same draws as without the option; the OOD part is drawn under the pre-training
+    # seed, not the evaluated test set's items.
+    def items(qs):
+        return [(q.item["question"], q.item["answer"], Path(q.images[0]).read_bytes()) for q in qs]
+
+    assert items(q for q in mixed["pretrain"] if generator(q) == "warmup") == items(plain["pretrain"])[:n - n // 4]
+    ood = items(q for q in mixed["pretrain"] if generator(q) == "test_ood")
+    assert ood != items(mixed["test_ood"])[:len(ood)]
+    assert [q.item["question"] for q in mixed["test_ood"]] == [q.item["question"] for q in plain["test_ood"]]
+    cfg.model.pretrain.ood_fraction = 1.5
+    with pytest.raises(DataError, match="ood_fraction"):
+        load_splits(cfg, tmp_path / "bad", lambda msg: None)
