@@ -191,8 +191,8 @@ class SelfEvolvingRun:
                                                             desc=f"iteration {i} training", total_steps=schedule)
                 except TrainingError as err:
                     kept = (f"the checkpoint of the {i} completed iteration(s) in {self.ckpt.directory} is intact "
-                            "and a rerun resumes from it" if i else "no iteration was checkpointed yet; a rerun starts again "
-                            "from the warm-up checkpoint")
+                            "and a rerun resumes from it" if i else
+                            "no iteration was checkpointed yet; a rerun starts again from the warm-up checkpoint")
                     raise TrainingError(
                         f"iteration {i} ({cfg.train.method}, T={loop.temperature:g}) training: {err}. Nothing of "
                         f"this iteration was saved; {kept} (lower train.lr or inspect {self.rollouts_path(i)} "
