@@ -35,10 +35,18 @@ def _synth(out: Path, seed: int, sizes: dict, d, say) -> Path:
     return out
 
 
-def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
-    """Every split the run needs (plus `pretrain` for the demo's own base model), read by the real readers."""
+def _read_queries(path: Path, root: Path, say) -> list[Query]:
+    """One data file through the real readers (skipped records reported) -> loop queries."""
     from mstar_jax.data.readers import read_dataset
 
+    records, report = read_dataset(path, root=root)
+    if report.skipped:
+        say(f"{path}: {report.summary()}")
+    return queries_from_records(records, root)
+
+
+def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
+    """Every split the run needs (plus `pretrain` for the demo's own base model), read by the real readers."""
     d = cfg.data
     if d.source == "synthetic":
         root = _synth(workdir / "data", section_seed(cfg, d), d.synth_sizes.to_dict(), d, say)
@@ -55,11 +63,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
     for name, path in files.items():
         if not path.is_file():
             raise DataError(f"{path}: data file for split {name!r} not found")
-        split_root = root if root is not None else path.parent
-        records, report = read_dataset(path, root=split_root)
-        if report.skipped:
-            say(f"{path}: {report.summary()}")
-        splits[name] = queries_from_records(records, split_root)
+        splits[name] = _read_queries(path, root if root is not None else path.parent, say)
     if not cfg.model.path:
         splits["pretrain"] = _pretrain_queries(cfg, workdir, say)
     return splits
@@ -73,8 +77,6 @@ def _pretrain_queries(cfg, workdir: Path, say) -> list[Query]:
     so the OOD test measures whether what the recipe teaches transfers to a domain the base already knows.
     Drawn under their own seed (data seed + 1000), so none is an item of the evaluated splits.
     """
-    from mstar_jax.data.readers import read_dataset
-
     p = cfg.model.pretrain
     n = int(p.queries)
     fraction = float(p.get("ood_fraction", 0.0))
@@ -84,8 +86,4 @@ def _pretrain_queries(cfg, workdir: Path, say) -> list[Query]:
     sizes = {"warmup": n - n_ood, "test_ood": n_ood}
     sizes = {k: v for k, v in sizes.items() if v}
     proot = _synth(workdir / "data_pretrain", section_seed(cfg, cfg.data) + 1000, sizes, cfg.data, say)
-    out = []
-    for split in sizes:
-        records, _ = read_dataset(proot / f"{split}.json", root=proot)
-        out += queries_from_records(records, proot)
-    return out
+    return [q for split in sizes for q in _read_queries(proot / f"{split}.json", proot, say)]

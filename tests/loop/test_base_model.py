@@ -84,7 +84,7 @@ def test_pretrain_ood_fraction_draws_that_share_from_the_ood_generator(tmp_path)
     def items(qs):
         return [(q.item["question"], q.item["answer"], Path(q.images[0]).read_bytes()) for q in qs]
 
-    assert items(q for q in mixed["pretrain"] if generator(q) == "warmup") == items(plain["pretrain"])[:n - n // 4]
+    assert items(q for q in mixed["pretrain"] if generator(q) == "warmup") == items(plain["pretrain"])[:n - round(n * 0.25)]
     ood = items(q for q in mixed["pretrain"] if generator(q) == "test_ood")
     assert ood != items(mixed["test_ood"])[:len(ood)]
     assert [q.item["question"] for q in mixed["test_ood"]] == [q.item["question"] for q in plain["test_ood"]]
