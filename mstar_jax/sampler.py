@@ -55,6 +55,9 @@ from mstar_jax.models.llava.model import positions_from_mask
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "cache_dim")
 # The decode caches are stored heads-major ([B, K, S, D]) so attention's batched matmuls read them in place.
 CACHE_AXES_HEADS_MAJOR = ("cache_batch", "cache_heads", "cache_seq", "cache_dim")
+# The prompt's keys are stored transposed ([B, K, D, P]): the score matmul then reads its weight-side operand
+# in the [contract, out] layout that XLA:CPU's matmul kernels handle best (~25 % less decode attention time).
+CACHE_AXES_KEYS_T = ("cache_batch", "cache_heads", "cache_dim", "cache_seq")
 # top-p first looks for the nucleus among this many best tokens and sorts the whole vocabulary only when
 # some row's nucleus is larger (flat distributions); a top-k of at most this size never needs the sort.
 NUCLEUS_CANDIDATES = 256
@@ -163,7 +166,7 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [R] bool
     stopped: jax.Array  # [R] bool: finished by a stop token
     logits: jax.Array  # [R, V] next-token logits
-    prefix: list  # per layer KVCache([B, K, P, D]): the prompt's keys/values, stored once per prompt
+    prefix: list  # per layer KVCache(k [B, K, D, P], v [B, K, P, D]): the prompt's keys/values, once per prompt
     prefix_valid: jax.Array  # [B, P] bool (left padding is False)
     suffix: list  # per layer KVCache([R, K, N, D]): the generated tokens' keys/values, one row per sample
     next_pos: jax.Array  # [R] position id of generated token 0
@@ -178,9 +181,9 @@ def _constrain_cache(cache):
     return [KVCache(shd.constrain(c.k, CACHE_AXES), shd.constrain(c.v, CACHE_AXES)) for c in cache]
 
 
-def _heads_major(cache):
-    """[B, S, K, D] -> [B, K, S, D]: batched matmuls over (batch, head) then read the cache without a copy."""
-    return [KVCache(shd.constrain(c.k.transpose(0, 2, 1, 3), CACHE_AXES_HEADS_MAJOR),
+def _prompt_cache(cache):
+    """[B, S, K, D] -> keys [B, K, D, S], values [B, K, S, D]: the decode matmuls read them in place, once each."""
+    return [KVCache(shd.constrain(c.k.transpose(0, 2, 3, 1), CACHE_AXES_KEYS_T),
                     shd.constrain(c.v.transpose(0, 2, 1, 3), CACHE_AXES_HEADS_MAJOR)) for c in cache]
 
 
@@ -213,7 +216,7 @@ def _prefill(graphdef, params, ids, mask, pixels, row_valid, prompt_index, seed,
         logprobs=_rows(zeros_f, (None,)), model_logprobs=_rows(zeros_f, (None,)),
         lengths=_rows(jnp.zeros((r,), jnp.int32), ()),
         done=_rows(~rep(row_valid), ()), stopped=_rows(jnp.zeros((r,), bool), ()),
-        logits=_rows(rep(logits), ("act_vocab",)), prefix=_heads_major(cache),
+        logits=_rows(rep(logits), ("act_vocab",)), prefix=_prompt_cache(cache),
         prefix_valid=_rows(mask.astype(bool), (None,)), suffix=suffix,
         next_pos=_rows(rep(jnp.sum(mask, axis=-1).astype(jnp.int32)), ()), keys=keys)
 
@@ -226,17 +229,18 @@ def _constrain_cache_hm(cache):
 def _shared_prefix_attention(q, prefix: KVCache, prefix_valid, suffix: KVCache, step, window, scale):
     """Attention of one new token per row over its prompt (shared by the n rows of a prompt) and its own tokens.
 
-    q [R, H, D]; prefix k/v [B, K, P, D]; suffix k/v [R, K, N, D] holding this step's key at slot `step`.
+    q [R, H, D]; prefix k [B, K, D, P], v [B, K, P, D]; suffix k/v [R, K, N, D] holding this step's key at slot
+    `step`.
     The n samples of a prompt query the prompt's keys together as one [n*G, P] matmul, so the prompt's
     cache is read once per prompt instead of once per sample; one softmax spans both parts.
     """
     r, h, d = q.shape
-    b, kh, p, _ = prefix.k.shape
+    b, kh, _, p = prefix.k.shape
     n, g, slots = r // b, h // kh, suffix.k.shape[2]
     f32 = jnp.float32
     # Queries of the n samples of a prompt side by side: [B, K, n*G, D].
     qp = q.reshape(b, n, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, n * g, d)
-    s_pre = jnp.einsum("bkqd,bkpd->bkqp", qp, prefix.k, preferred_element_type=f32) * scale
+    s_pre = jnp.einsum("bkqd,bkdp->bkqp", qp, prefix.k, preferred_element_type=f32) * scale
     s_suf = jnp.einsum("rkgd,rknd->rkgn", q.reshape(r, kh, g, d), suffix.k, preferred_element_type=f32) * scale
     q_slot = p + step
     pre_ok = prefix_valid[:, None, None, :]

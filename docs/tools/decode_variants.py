@@ -12,13 +12,18 @@ largest difference from the shipped output is printed too, so a wrong variant sh
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 B, K, N_SAMPLES, P, SLOTS, D, LAYERS, STEPS = 1, 8, 16, 640, 128, 64, 8, 16
 
 
-def _suffix_by_reduction(q, prefix, prefix_valid, suffix, step, window, scale):
-    """The generated-token scores as multiply-and-reduce over head_dim (the output stays a dot)."""
+def _prompt_keys_untransposed(q, prefix, prefix_valid, suffix, step, window, scale, suffix_by_reduction=False):
+    """The attention before 2026-12-02: prompt keys [B, K, P, D], so the score matmul contracts their minor axis.
+
+    With `suffix_by_reduction` the generated-token scores are a multiply-and-reduce over head_dim instead of a
+    dot (measured and not adopted).
+    """
     import jax.numpy as jnp
 
     r, h, d = q.shape
@@ -27,7 +32,10 @@ def _suffix_by_reduction(q, prefix, prefix_valid, suffix, step, window, scale):
     f32 = jnp.float32
     qp = q.reshape(b, n, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, n * g, d)
     s_pre = jnp.einsum("bkqd,bkpd->bkqp", qp, prefix.k, preferred_element_type=f32) * scale
-    s_suf = jnp.sum(q.reshape(r, kh, g, 1, d) * suffix.k[:, :, None], axis=-1) * scale
+    if suffix_by_reduction:
+        s_suf = jnp.sum(q.reshape(r, kh, g, 1, d) * suffix.k[:, :, None], axis=-1) * scale
+    else:
+        s_suf = jnp.einsum("rkgd,rknd->rkgn", q.reshape(r, kh, g, d), suffix.k, preferred_element_type=f32) * scale
     neg = jnp.finfo(f32).min
     s_pre = jnp.where(prefix_valid[:, None, None, :], s_pre, neg)
     s_suf = jnp.where((jnp.arange(slots) <= step)[None, None, None, :], s_suf, neg)
@@ -43,7 +51,9 @@ def _suffix_by_reduction(q, prefix, prefix_valid, suffix, step, window, scale):
 
 
 def _block_diagonal(q, prefix, prefix_valid, suffix, step, window, scale):
-    """All n samples' generated tokens in the prompt's batched matmul; a block-diagonal mask keeps each row's own."""
+    """All n samples' generated tokens in the prompt's batched matmul; a block-diagonal mask keeps each row's own.
+
+    Prompt keys [B, K, P, D] (as before 2026-12-02)."""
     import jax
     import jax.numpy as jnp
 
@@ -90,26 +100,31 @@ def attention_variants(repeats: int) -> None:
     rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
     r = B * N_SAMPLES
     prefix = [KVCache(rand(B, K, P, D), rand(B, K, P, D)) for _ in range(LAYERS)]
+    # The sampler stores the prompt's keys transposed ([B, K, D, P]); the older variants take them as [B, K, P, D].
+    prefix_t = [KVCache(c.k.transpose(0, 1, 3, 2), c.v) for c in prefix]
     suffix = [KVCache(rand(r, K, SLOTS, D), rand(r, K, SLOTS, D)) for _ in range(LAYERS)]
     valid, q0, step = jnp.ones((B, P), bool), rand(r, K, D), jnp.int32(SLOTS // 2)
 
-    def compiled(attn):
+    def compiled(attn, prompt):
         @jax.jit
         def run(q):
             def body(_, q):
                 for layer in range(LAYERS):
-                    q = attn(q, prefix[layer], valid, suffix[layer], step, None, D ** -0.5) + 0.5 * q
+                    q = attn(q, prompt[layer], valid, suffix[layer], step, None, D ** -0.5) + 0.5 * q
                 return q
             return jax.lax.fori_loop(0, STEPS, body, q)
         return lambda: jax.block_until_ready(run(q0))
 
-    variants = {"shipped": _shared_prefix_attention, "suffix scores by reduction": _suffix_by_reduction,
-                "block-diagonal suffix": _block_diagonal}
-    reference = np.asarray(compiled(_shared_prefix_attention)())
-    for name, attn in variants.items():
-        run = compiled(attn)
+    variants = {"shipped": (_shared_prefix_attention, prefix_t),
+                "prompt keys [B, K, P, D] (old)": (_prompt_keys_untransposed, prefix),
+                "old + suffix scores by reduce": (functools.partial(_prompt_keys_untransposed,
+                                                                    suffix_by_reduction=True), prefix),
+                "old + block-diagonal suffix": (_block_diagonal, prefix)}
+    reference = np.asarray(compiled(_shared_prefix_attention, prefix_t)())
+    for name, (attn, prompt) in variants.items():
+        run = compiled(attn, prompt)
         diff = float(np.abs(np.asarray(run()) - reference).max())
-        print(f"attention, {LAYERS} layers, {name:28s} {_best_ms(run, repeats, STEPS):7.2f} ms/step"
+        print(f"attention, {LAYERS} layers, {name:30s} {_best_ms(run, repeats, STEPS):7.2f} ms/step"
               f"   max |diff| {diff:.1e}")
 
 
