@@ -23,8 +23,8 @@ def get_config() -> ConfigDict:
     c.data.val = ""  # MathVista-format JSON: validation (temperature selection, dynamics)
     c.data.test_id = ""  # in-domain test
     c.data.test_ood = ""  # out-of-domain test (MathVista testmini in the paper)
-    c.data.synth_sizes = ConfigDict({"warmup": 256, "train": 512, "unlabeled": 0, "val": 64, "test_id": 256,
-                                     "test_ood": 256})
+    c.data.synth_sizes = ConfigDict({"warmup": 256, "train": 512, "unlabeled": 0, "val": 64, "test_id": 1024,
+                                     "test_ood": 1024})
     c.data.image_size = 56
     c.data.difficulty = 2  # synthetic questions: 1 (easy) .. 3 (hard)
     # A tiny model learns to read two dice from 16 patches within the demo's pre-training budget, where digits

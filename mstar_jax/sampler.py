@@ -55,8 +55,8 @@ from mstar_jax.models.llava.model import positions_from_mask
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "cache_dim")
 # The decode caches are stored heads-major ([B, K, S, D]) so attention's batched matmuls read them in place.
 CACHE_AXES_HEADS_MAJOR = ("cache_batch", "cache_heads", "cache_seq", "cache_dim")
-# The prompt's keys are stored transposed ([B, K, D, P]): the score matmul then reads its weight-side operand
-# in the [contract, out] layout that XLA:CPU's matmul kernels handle best (~25 % less decode attention time).
+# The prompt's keys are stored transposed ([B, K, D, P]): the score matmul then reads its weight-side operand in
+# the [contract, out] layout that XLA:CPU's matmul kernels handle best (that dot ~40 % faster, docs/benchmarks.md).
 CACHE_AXES_KEYS_T = ("cache_batch", "cache_heads", "cache_dim", "cache_seq")
 # top-p first looks for the nucleus among this many best tokens and sorts the whole vocabulary only when
 # some row's nucleus is larger (flat distributions); a top-k of at most this size never needs the sort.

@@ -18,12 +18,10 @@ def sampler_ms_per_step(path: str, n: int, repeats: int, no_attention: bool) -> 
     """Decode ms/step of `Sampler.generate` from the difference of a 16- and a 144-token call (prefill cancels)."""
     import mstar_jax
     from mstar_jax import sampler as S
-    from mstar_jax.bench.sampler import QUESTIONS, _images
+    from mstar_jax.bench.sampler import prompt_batch
 
     policy = mstar_jax.load(path)
-    images = _images(1)
-    texts = S.build_prompts(policy.processor, QUESTIONS[:1], images)
-    batch = dict(policy.processor(images=images, text=texts, return_tensors="np", padding=True))
+    batch = prompt_batch(policy.processor, 1)
     original = S._shared_prefix_attention
     if no_attention:
         S._shared_prefix_attention = lambda q, *args: q

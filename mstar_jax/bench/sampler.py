@@ -134,6 +134,17 @@ def _images(count: int):
     return [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64 - 4 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
+def prompt_batch(processor, count: int) -> dict:
+    """The bench's processor batch: `count` chat-template prompts (question + random image), left-padded."""
+    from mstar_jax.sampler import build_prompts
+
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    images = _images(count)
+    texts = build_prompts(processor, questions, images)
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(images=images, text=texts, return_tensors="np", padding=True))
+
+
 def _hf_rows(out, prompt_len: int, eos: set[int]) -> list[list[int]]:
     """Generated ids per row from HF's output, cut after the first stop id (HF pads finished rows)."""
     rows = []
@@ -149,7 +160,7 @@ def bench_sampler(args) -> int:
     import torch
 
     import mstar_jax
-    from mstar_jax.sampler import Sampler, build_prompts
+    from mstar_jax.sampler import Sampler
 
     torch.set_num_threads(args.threads)
     ckpt, hf_dir = bench_model(args)
@@ -157,11 +168,7 @@ def bench_sampler(args) -> int:
     sampler = Sampler(policy.graphdef, policy.config, policy.processor, policy.mesh,
                       max_rows=max(64, args.prompts * args.n))
     n_params = sum(int(np.prod(a.shape)) for a in policy.params.values())
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
-    images = _images(args.prompts)
-    texts = build_prompts(policy.processor, questions, images)
-    policy.processor.tokenizer.padding_side = "left"
-    batch = dict(policy.processor(images=images, text=texts, return_tensors="np", padding=True))
+    batch = prompt_batch(policy.processor, args.prompts)
     eos = sampler.eos_ids()
     hf_model = None
     if not args.skip_hf:
