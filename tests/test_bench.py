@@ -6,18 +6,24 @@ import json
 
 SAMPLER_FIELDS = {"mode", "n", "prompts", "max_new_tokens", "ours_tok_s", "hf_tok_s", "ratio", "ours_compile_s",
                   "ours_steady_s", "ours_first_call_s", "hf_s", "ours_peak_rss_mb", "hf_peak_rss_mb",
-                  "greedy_identical", "nproc", "cpu", "threads", "params_m"}
+                  "greedy_identical", "nproc", "cpu", "threads", "params_m", "device_kind", "ours_prefill_s",
+                  "ours_decode_s", "decode_steps", "decode_step_ms", "decode_tok_s", "decode_min_bytes_per_step",
+                  "decode_gbs", "stream_gbs", "decode_stream_frac", "peak_hbm_gbs", "decode_roofline_frac"}
 
 
 def test_bench_sampler_prints_json_lines(tmp_path, capsys):
     from mstar_jax.cli import main
 
     assert main(["bench", "sampler", "--size", "tiny", "--workdir", str(tmp_path), "--n", "2", "--prompts", "2",
-                 "--max-new-tokens", "4", "--repeats", "1"]) == 0
+                 "--max-new-tokens", "4", "--repeats", "1", "--stream-mb", "8"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in lines] == ["greedy", "sample"]
     for rec in lines:
         assert SAMPLER_FIELDS <= set(rec), SAMPLER_FIELDS - set(rec)
         assert rec["ours_tok_s"] > 0 and rec["hf_tok_s"] > 0 and rec["ratio"] > 0
         assert rec["ours_prefill_calls_per_run"] == 1
+        # The phases are parts of one steady call (the median of one run is that run).
+        assert 0 < rec["ours_decode_s"] and rec["ours_prefill_s"] + rec["ours_decode_s"] <= rec["ours_steady_s"]
+        assert 1 <= rec["decode_steps"] <= 4 and rec["decode_gbs"] > 0 and rec["stream_gbs"] > 0
+        assert rec["device_kind"] == "cpu" and rec["peak_hbm_gbs"] is None and rec["decode_roofline_frac"] is None
     assert lines[0]["greedy_identical"] is True and lines[1]["greedy_identical"] is None

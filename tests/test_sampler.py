@@ -150,6 +150,21 @@ def test_first_token_samples_follow_the_sampling_distribution(policies):
     assert np.allclose([s.model_logprobs[0] for s in out], np.log(full[[s.token_ids[0] for s in out]]), atol=1e-4)
 
 
+def test_first_argmax_is_jnp_argmax_with_ties_and_infinities():
+    import jax.numpy as jnp
+
+    from mstar_jax.sampler import _first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(64, 257)).astype(np.float32)  # many tied maxima per row
+    x[1] = -np.inf
+    x[2, 5] = x[2, 200] = np.inf
+    x[3, -1] = 100.0
+    got = np.asarray(_first_argmax(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    assert (got == np.argmax(x, axis=-1)).all()
+
+
 def test_top_k_keeps_only_the_k_best(policies):
     policy = policies["siglip_qwen2"]
     batch = _batch(policy, QUESTIONS[:1])

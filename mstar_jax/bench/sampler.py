@@ -2,7 +2,9 @@
 
 Each measurement prints one JSON line: generated tokens/s of both engines and their ratio, our compile time
 (first call minus steady-state call) apart from the steady-state time, the peak RSS seen while each engine
-ran, and, for greedy decoding, whether both produced identical tokens.
+ran, and, for greedy decoding, whether both produced identical tokens. Our decode loop is also timed apart from
+the prefill and set against memory bandwidth (`bench/roofline.py`): the bytes a step must read per second of
+step, as a fraction of a measured streaming read and of the device's datasheet HBM peak (GPU/TPU).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def add_sampler_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
     p.add_argument("--repeats", type=int, default=2, help="steady-state runs per engine (median is reported)")
+    p.add_argument("--peak-hbm-gbs", type=float, default=None,
+                   help="peak memory bandwidth of all devices, GB/s (default: datasheet value for known GPUs/TPUs)")
+    p.add_argument("--stream-mb", type=int, default=256,
+                   help="array size for the measured streaming bandwidth (0: skip)")
 
 
 class PeakRSS:
@@ -82,7 +88,7 @@ class PeakRSS:
 
 
 def machine() -> dict:
-    """nproc and CPU model, for the record."""
+    """nproc, CPU model and accelerator kind, for the record."""
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -91,7 +97,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": cpu}
+    import jax
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "device_kind": jax.devices()[0].device_kind}
 
 
 def bench_model(args) -> tuple[Path, Path]:
@@ -160,6 +168,7 @@ def bench_sampler(args) -> int:
     import torch
 
     import mstar_jax
+    from mstar_jax.bench import roofline
     from mstar_jax.sampler import Sampler
 
     torch.set_num_threads(args.threads)
@@ -167,6 +176,7 @@ def bench_sampler(args) -> int:
     policy = mstar_jax.load(ckpt)
     sampler = Sampler(policy.graphdef, policy.config, policy.processor, policy.mesh,
                       max_rows=max(64, args.prompts * args.n))
+    sampler.time_phases = True
     n_params = sum(int(np.prod(a.shape)) for a in policy.params.values())
     batch = prompt_batch(policy.processor, args.prompts)
     eos = sampler.eos_ids()
@@ -180,6 +190,7 @@ def bench_sampler(args) -> int:
     base = {"bench": "sampler", "model": str(ckpt), "params_m": round(n_params / 1e6, 1), **machine(),
             "threads": args.threads, "jax_devices": jax.device_count(), "prompts": args.prompts, "n": args.n,
             "prompt_tokens": int(batch["input_ids"].shape[1]), "max_new_tokens": args.max_new_tokens}
+    stream, peak = _bandwidths(args)
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         greedy = mode == "greedy"
         kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, seed=0,
@@ -200,11 +211,20 @@ def bench_sampler(args) -> int:
         ours_rows = [s.token_ids for samples in result for s in samples]
         ours_tokens = sum(len(r) for r in ours_rows)
         ours_s = statistics.median(steady)
+        phases = sampler.last_phases  # of the last steady call
+        steps = max(int(phases["decode_steps"]), 1)
+        min_bytes = roofline.decode_min_bytes_per_step(
+            policy.params, policy.config, prompt_tokens=int(np.asarray(batch["attention_mask"]).sum()),
+            rows=args.prompts * args.n, steps=steps)
         rec = {**base, "mode": mode, "temperature": kw["temperature"], "top_p": args.top_p, "top_k": args.top_k,
                "ours_tokens": ours_tokens, "ours_first_call_s": round(first_s, 3),
                "ours_compile_s": round(max(first_s - ours_s, 0.0), 3), "ours_steady_s": round(ours_s, 3),
                "ours_tok_s": round(ours_tokens / ours_s, 1), "ours_peak_rss_mb": round(rss.peak, 1),
-               "ours_prefill_calls_per_run": sampler.prefill_calls // (args.repeats + 1)}
+               "ours_prefill_calls_per_run": sampler.prefill_calls // (args.repeats + 1),
+               "ours_prefill_s": round(phases["prefill_s"], 3), "ours_decode_s": round(phases["decode_s"], 3),
+               "decode_steps": steps, "decode_step_ms": round(phases["decode_s"] / steps * 1e3, 2),
+               "decode_tok_s": round(ours_tokens / phases["decode_s"], 1),
+               **roofline.decode_figures(min_bytes, phases["decode_s"] / steps, stream, peak)}
         sampler.prefill_calls = 0
         del first
         if hf_model is not None:
@@ -212,6 +232,21 @@ def bench_sampler(args) -> int:
             rec["ratio"] = ratio(rec)
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def _bandwidths(args) -> tuple[float | None, float | None]:
+    """(measured streaming GB/s, peak GB/s) over the devices a sampler call runs on; None where unknown."""
+    import jax
+
+    from mstar_jax.bench import roofline
+
+    devices = jax.devices()
+    # CPU "devices" (forced host platform count) share one memory; accelerators each have their own.
+    count = 1 if devices[0].platform == "cpu" else len(devices)
+    stream = roofline.stream_gbs(args.stream_mb) * count if args.stream_mb else None
+    peaks = roofline.device_peaks(devices[0].device_kind)
+    peak = args.peak_hbm_gbs or (peaks[0] * count if peaks and devices[0].platform != "cpu" else None)
+    return stream, peak
 
 
 def _bench_hf(model, batch, args, kw, greedy, eos, ours_rows) -> dict:

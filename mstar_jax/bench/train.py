@@ -3,7 +3,9 @@
 Same weights, same batch (global batch split into the same micro-batches), same response-only loss (mean over
 the global batch's response tokens), same AdamW + clipping + schedule. Each compute dtype prints one JSON
 line: input tokens/s of both engines and their ratio, our compile time (first call minus steady state) apart
-from the steady-state step time, the peak RSS while each engine ran, and both engines' first-step loss.
+from the steady-state step time, the peak RSS while each engine ran, and both engines' first-step loss. Our step's
+model FLOP/s (6 N per input token) is also given, and its MFU against the devices' dense bf16 peak where that is
+known (GPUs/TPUs in `bench/roofline.py`, or `--peak-tflops`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def add_train_args(p) -> None:
     p.add_argument("--steps", type=int, default=2, help="steady-state steps per engine (median is reported)")
     p.add_argument("--dtypes", default="float32", help="comma-separated compute dtypes: float32, bfloat16")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak FLOP/s of all devices in TFLOP/s for the MFU (default: dense bf16 datasheet value "
+                        "for known GPUs/TPUs; none on CPUs)")
 
 
 def bench_model(args) -> tuple[Path, Path]:
@@ -76,7 +81,7 @@ def bench_ours(policy, batch, optim, args, dtype: str) -> dict:
     import jax
     import numpy as np
 
-    from mstar_jax.training import create_train_state, make_train_step, matmul_params, train_flops
+    from mstar_jax.training import create_train_state, make_train_step, matmul_params, mfu, train_flops
 
     step = make_train_step(policy.graphdef, optim, policy.mesh, micro_batch=args.micro_batch, compute_dtype=dtype)
     params = jax.tree.map(lambda a: a.copy(), policy.params)  # the step donates its state
@@ -86,15 +91,31 @@ def bench_ours(policy, batch, optim, args, dtype: str) -> dict:
         holder["state"], metrics = step(holder["state"], batch)
         return metrics
 
-    first_s, steady, peak, metrics = _time_steps(run, args.steps)
+    first_s, steady, peak_rss, metrics = _time_steps(run, args.steps)
     del holder
     gc.collect()
     steady_s = statistics.median(steady)
     tokens = int(np.asarray(batch["attention_mask"]).sum())
+    n_matmul = matmul_params(policy.params)
+    peak = _peak_tflops(args)
     return {"ours_first_call_s": round(first_s, 3), "ours_compile_s": round(max(first_s - steady_s, 0.0), 3),
             "ours_steady_s": round(steady_s, 3), "ours_tok_s": round(tokens / steady_s, 1),
-            "ours_peak_rss_mb": round(peak, 1), "ours_loss": round(metrics["loss"], 6),
-            "ours_model_gflop_s": round(train_flops(matmul_params(policy.params), tokens) / steady_s / 1e9, 1)}
+            "ours_peak_rss_mb": round(peak_rss, 1), "ours_loss": round(metrics["loss"], 6),
+            "ours_model_gflop_s": round(train_flops(n_matmul, tokens) / steady_s / 1e9, 3),
+            "peak_tflops": peak, "mfu": None if peak is None else round(mfu(n_matmul, tokens, steady_s, peak * 1e12), 6)}
+
+
+def _peak_tflops(args) -> float | None:
+    """--peak-tflops, or the datasheet dense bf16 peak of all accelerator devices; None on CPUs."""
+    import jax
+
+    from mstar_jax.bench.roofline import device_peaks
+
+    if args.peak_tflops:
+        return args.peak_tflops
+    devices = jax.devices()
+    peaks = device_peaks(devices[0].device_kind)
+    return peaks[1] * len(devices) if peaks and devices[0].platform != "cpu" else None
 
 
 def _torch_decay_groups(model, weight_decay: float):
