@@ -51,10 +51,11 @@ def main() -> None:
 
     hlo = open(sorted(glob.glob(f"{out}/hlo/*jit__decode.cpu_after_optimizations.txt"))[-1]).read()
     ops = {}
-    for m in re.finditer(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", hlo, re.M):
+    # Tuple-shaped outputs ("(f32[16]{0}, s32[16]{0})", e.g. a variadic argmax reduce) hold spaces.
+    for m in re.finditer(r"^\s+(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\((.*)$", hlo, re.M):
         name, shape, op, rest = m.groups()
         meta = re.search(r'op_name="([^"]+)"', rest)
-        ops[name] = (shape.split("{")[0], meta.group(1).split("/")[-1] if meta else op)
+        ops[name] = (re.sub(r"\{[^}]*\}", "", shape), meta.group(1).split("/")[-1] if meta else op)
     trace = json.load(gzip.open(sorted(glob.glob(f"{out}/trace/**/*.json.gz", recursive=True))[-1]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     by_op: collections.Counter = collections.Counter()
@@ -64,6 +65,7 @@ def main() -> None:
     print(f"decode ms per step by (output shape, op), {steps} steps of {args.n} rows; thunks total "
           f"{sum(by_op.values()):.2f} ms (concurrent thunks each counted)")
     for (shape, op), ms in by_op.most_common(args.top):
+        shape = shape if len(shape) <= 40 else shape[:36] + " ..."
         print(f"  {ms:7.3f}  {shape:24s} {op}")
 
 

@@ -24,6 +24,10 @@ BENCH_SPEC = dict(vision="clip", text="llama", image_size=336, patch_size=14, vi
                   max_position_embeddings=2048)
 # For tests: seconds, not minutes.
 TINY_SPEC = dict(vision="clip", text="llama", layers=2, hidden=64, intermediate=128, vocab_size=400)
+# For GPUs/TPUs: a ~1.4B decoder (24 x 2048, MLP 5632). The 59M bench model's decode step reads 0.2 GB, ~60 us
+# of H100 bandwidth, so there it would measure kernel launches rather than the memory roofline.
+LARGE_SPEC = dict(BENCH_SPEC, hidden=2048, intermediate=5632, layers=24, heads=16, kv_heads=16)
+SIZES = {"bench": BENCH_SPEC, "tiny": TINY_SPEC, "large": LARGE_SPEC}
 
 QUESTIONS = [
     "How many circles are there in the picture? Count them carefully and explain your reasoning step by step.",
@@ -38,8 +42,8 @@ def add_common_args(p, engine: str) -> None:
     p.add_argument("--model", default=None,
                    help="HF LLaVA dir or converted checkpoint (default: build the bench model in --workdir)")
     p.add_argument("--workdir", default="runs/bench", help="where the default bench model is built and kept")
-    p.add_argument("--size", default="bench", choices=["bench", "tiny"],
-                   help="default model size when --model is not given (tiny: for tests)")
+    p.add_argument("--size", default="bench", choices=sorted(SIZES),
+                   help="default model size when --model is not given (tiny: for tests; large: ~1.4B, for GPUs/TPUs)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
     p.add_argument("--skip-hf", action="store_true", help=f"only measure our {engine}")
 
@@ -55,6 +59,8 @@ def add_sampler_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
     p.add_argument("--repeats", type=int, default=2, help="steady-state runs per engine (median is reported)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter (and KV cache) dtype of both engines")
     p.add_argument("--peak-hbm-gbs", type=float, default=None,
                    help="peak memory bandwidth of all devices, GB/s (default: datasheet value for known GPUs/TPUs)")
     p.add_argument("--stream-mb", type=int, default=256,
@@ -104,7 +110,7 @@ def machine() -> dict:
 
 def bench_model(args) -> tuple[Path, Path]:
     """(checkpoint for mstar_jax.load, HF dir for transformers): --model, or the default model built once."""
-    return bench_checkpoint(args, BENCH_SPEC if args.size == "bench" else TINY_SPEC, f"{args.size}-hf")
+    return bench_checkpoint(args, SIZES[args.size], f"{args.size}-hf")
 
 
 def bench_checkpoint(args, spec: dict, name: str) -> tuple[Path, Path]:
@@ -173,7 +179,7 @@ def bench_sampler(args) -> int:
 
     torch.set_num_threads(args.threads)
     ckpt, hf_dir = bench_model(args)
-    policy = mstar_jax.load(ckpt)
+    policy = mstar_jax.load(ckpt, dtype=args.dtype)
     sampler = Sampler(policy.graphdef, policy.config, policy.processor, policy.mesh,
                       max_rows=max(64, args.prompts * args.n))
     sampler.time_phases = True
@@ -184,11 +190,13 @@ def bench_sampler(args) -> int:
     if not args.skip_hf:
         import transformers
 
-        hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir),
+                                                                          dtype=getattr(torch, args.dtype)).eval()
     import jax
 
     base = {"bench": "sampler", "model": str(ckpt), "params_m": round(n_params / 1e6, 1), **machine(),
-            "threads": args.threads, "jax_devices": jax.device_count(), "prompts": args.prompts, "n": args.n,
+            "threads": args.threads, "jax_devices": jax.device_count(), "dtype": args.dtype, "prompts": args.prompts,
+            "n": args.n,
             "prompt_tokens": int(batch["input_ids"].shape[1]), "max_new_tokens": args.max_new_tokens}
     stream, peak = _bandwidths(args)
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:

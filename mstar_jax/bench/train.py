@@ -16,13 +16,14 @@ import statistics
 import time
 from pathlib import Path
 
-from mstar_jax.bench.sampler import (BENCH_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, add_common_args, bench_checkpoint,
-                                     machine)
+from mstar_jax.bench.sampler import (BENCH_SPEC, LARGE_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, add_common_args,
+                                     bench_checkpoint, machine)
 
 # The sampler's >= 20M-parameter bench model (8 x 512 Llama, 32k vocabulary) with 56px images (16 image
 # tokens), so a global batch of 128 short SFT examples takes seconds, not minutes, per step on 2 cores.
 TRAIN_BENCH_SPEC = dict(BENCH_SPEC, image_size=56)
 TRAIN_TINY_SPEC = dict(TINY_SPEC)
+TRAIN_SIZES = {"bench": TRAIN_BENCH_SPEC, "tiny": TRAIN_TINY_SPEC, "large": dict(LARGE_SPEC, image_size=56)}
 
 
 def add_train_args(p) -> None:
@@ -41,8 +42,7 @@ def add_train_args(p) -> None:
 
 def bench_model(args) -> tuple[Path, Path]:
     """(checkpoint for mstar_jax.load, HF dir for transformers): --model, or the default model built once."""
-    spec = TRAIN_BENCH_SPEC if args.size == "bench" else TRAIN_TINY_SPEC
-    return bench_checkpoint(args, spec, f"train-{args.size}-hf")
+    return bench_checkpoint(args, TRAIN_SIZES[args.size], f"train-{args.size}-hf")
 
 
 def make_batch(processor, n: int, response_words: int, seed: int = 0) -> dict:
