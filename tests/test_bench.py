@@ -8,7 +8,8 @@ SAMPLER_FIELDS = {"mode", "n", "prompts", "max_new_tokens", "ours_tok_s", "hf_to
                   "ours_steady_s", "ours_first_call_s", "hf_s", "ours_peak_rss_mb", "hf_peak_rss_mb",
                   "greedy_identical", "nproc", "cpu", "threads", "params_m", "device_kind", "ours_prefill_s",
                   "ours_decode_s", "decode_steps", "decode_step_ms", "decode_tok_s", "decode_min_bytes_per_step",
-                  "decode_gbs", "stream_gbs", "decode_stream_frac", "peak_hbm_gbs", "decode_roofline_frac"}
+                  "decode_gbs", "stream_gbs", "decode_stream_frac", "peak_hbm_gbs", "decode_roofline_frac",
+                  "ours_device_peak_mb"}
 
 
 def test_bench_sampler_prints_json_lines(tmp_path, capsys):

@@ -93,6 +93,15 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss / 2 ** 20)
 
 
+def device_peak_mb() -> float | None:
+    """Peak accelerator memory in use since the process started (MiB), where the backend reports it (not CPUs)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2 ** 20, 1)
+
+
 def machine() -> dict:
     """nproc, CPU model and accelerator kind, for the record."""
     cpu = platform.processor() or "unknown"
@@ -229,6 +238,7 @@ def bench_sampler(args) -> int:
                "ours_tokens": ours_tokens, "ours_first_call_s": round(first_s, 3),
                "ours_compile_s": round(max(first_s - ours_s, 0.0), 3), "ours_steady_s": round(ours_s, 3),
                "ours_tok_s": round(ours_tokens / ours_s, 1), "ours_peak_rss_mb": round(rss.peak, 1),
+               "ours_device_peak_mb": device_peak_mb(),
                "ours_prefill_calls_per_run": sampler.prefill_calls // (args.repeats + 1),
                "ours_prefill_s": round(phases["prefill_s"], 3), "ours_decode_s": round(phases["decode_s"], 3),
                "decode_steps": steps, "decode_step_ms": round(phases["decode_s"] / steps * 1e3, 2),

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mstar_jax.bench.sampler import (BENCH_SPEC, LARGE_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, add_common_args,
-                                     bench_checkpoint, machine)
+                                     bench_checkpoint, device_peak_mb, machine)
 
 # The sampler's >= 20M-parameter bench model (8 x 512 Llama, 32k vocabulary) with 56px images (16 image
 # tokens), so a global batch of 128 short SFT examples takes seconds, not minutes, per step on 2 cores.
@@ -100,7 +100,8 @@ def bench_ours(policy, batch, optim, args, dtype: str) -> dict:
     peak = _peak_tflops(args)
     return {"ours_first_call_s": round(first_s, 3), "ours_compile_s": round(max(first_s - steady_s, 0.0), 3),
             "ours_steady_s": round(steady_s, 3), "ours_tok_s": round(tokens / steady_s, 1),
-            "ours_peak_rss_mb": round(peak_rss, 1), "ours_loss": round(metrics["loss"], 6),
+            "ours_peak_rss_mb": round(peak_rss, 1), "ours_device_peak_mb": device_peak_mb(),
+            "ours_loss": round(metrics["loss"], 6),
             "ours_model_gflop_s": round(train_flops(n_matmul, tokens) / steady_s / 1e9, 3),
             "peak_tflops": peak, "mfu": None if peak is None else round(mfu(n_matmul, tokens, steady_s, peak * 1e12), 6)}
 
