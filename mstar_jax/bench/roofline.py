@@ -38,6 +38,17 @@ def device_peaks(device_kind: str) -> tuple[float, float] | None:
     return None
 
 
+def accelerator_peaks() -> tuple[float, float] | None:
+    """(HBM GB/s, dense bf16 TFLOP/s) summed over this process's devices; None on CPUs or unknown kinds."""
+    import jax
+
+    devices = jax.devices()
+    peaks = device_peaks(devices[0].device_kind)
+    if peaks is None or devices[0].platform == "cpu":
+        return None
+    return peaks[0] * len(devices), peaks[1] * len(devices)
+
+
 def decode_weight_bytes(params: Mapping[tuple, Any], tie_word_embeddings: bool) -> int:
     """Bytes of the parameters every decode step reads in full: the decoder's layers and final norm, and the LM
     head (the input embedding table when tied; an untied table is only gathered, one row per token)."""

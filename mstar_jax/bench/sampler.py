@@ -263,9 +263,8 @@ def _bandwidths(args) -> tuple[float | None, float | None]:
     # CPU "devices" (forced host platform count) share one memory; accelerators each have their own.
     count = 1 if devices[0].platform == "cpu" else len(devices)
     stream = roofline.stream_gbs(args.stream_mb) * count if args.stream_mb else None
-    peaks = roofline.device_peaks(devices[0].device_kind)
-    peak = args.peak_hbm_gbs or (peaks[0] * count if peaks and devices[0].platform != "cpu" else None)
-    return stream, peak
+    peaks = roofline.accelerator_peaks()
+    return stream, args.peak_hbm_gbs or (peaks[0] if peaks else None)
 
 
 def _bench_hf(model, batch, args, kw, greedy, eos, ours_rows) -> dict:

@@ -108,15 +108,10 @@ def bench_ours(policy, batch, optim, args, dtype: str) -> dict:
 
 def _peak_tflops(args) -> float | None:
     """--peak-tflops, or the datasheet dense bf16 peak of all accelerator devices; None on CPUs."""
-    import jax
+    from mstar_jax.bench.roofline import accelerator_peaks
 
-    from mstar_jax.bench.roofline import device_peaks
-
-    if args.peak_tflops:
-        return args.peak_tflops
-    devices = jax.devices()
-    peaks = device_peaks(devices[0].device_kind)
-    return peaks[1] * len(devices) if peaks and devices[0].platform != "cpu" else None
+    peaks = accelerator_peaks()
+    return args.peak_tflops or (peaks[1] if peaks else None)
 
 
 def _torch_decay_groups(model, weight_decay: float):
