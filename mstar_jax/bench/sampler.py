@@ -1,10 +1,12 @@
 """`mstar bench sampler`: our JAX sampler vs `transformers` generate on the same model, inputs and threads.
 
-Each measurement prints one JSON line: generated tokens/s of both engines and their ratio, our compile time
-(first call minus steady-state call) apart from the steady-state time, the peak RSS seen while each engine
-ran, and, for greedy decoding, whether both produced identical tokens. Our decode loop is also timed apart from
-the prefill and set against memory bandwidth (`bench/roofline.py`): the bytes a step must read per second of
-step, as a fraction of a measured streaming read and of the device's datasheet HBM peak (GPU/TPU).
+Each measurement prints one JSON line: generated tokens/s of both engines and their ratio (medians over
+--repeats steady calls, each listed in `*_runs_s`; the two engines' calls alternate, and `ratio_per_run` gives
+each adjacent pair's ratio), our compile time (first call minus steady-state call) apart from the steady-state
+time, the peak RSS of the process while each engine ran, and, for greedy decoding, whether both produced
+identical tokens. Our decode loop is also timed apart from the prefill and set against memory bandwidth
+(`bench/roofline.py`): the bytes a step must read per second of step, as a fraction of a measured streaming read
+and of the device's datasheet HBM peak (GPU/TPU).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def add_sampler_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
-    p.add_argument("--repeats", type=int, default=2, help="steady-state runs per engine (median is reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="steady-state runs per engine, the two engines' runs alternating (medians are reported)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="parameter (and KV cache) dtype of both engines")
     p.add_argument("--peak-hbm-gbs", type=float, default=None,
@@ -216,19 +219,24 @@ def bench_sampler(args) -> int:
         def ours():
             return sampler.generate(policy.params, batch=batch, **kw)
 
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
-            first = ours()
-            first_s = time.perf_counter() - t0
-            steady, phase_runs = [], []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                result = ours()
-                steady.append(time.perf_counter() - t0)
-                phase_runs.append(dict(sampler.last_phases))
+        engines = {"ours": _Timed(ours)}
+        if hf_model is not None:
+            engines["hf"] = _Timed(_hf_generate(hf_model, batch, args, kw, greedy))
+        for engine in engines.values():
+            engine.warm_up()
+        # The engines' timed calls alternate, so a slow spell of the machine (a 2-core VM drifts by ~40 % over
+        # minutes) hits both rather than one side of the ratio.
+        phase_runs = []
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
+                engine.timed()
+                if name == "ours":
+                    phase_runs.append(dict(sampler.last_phases))
+        result = engines["ours"].out
         ours_rows = [s.token_ids for samples in result for s in samples]
         ours_tokens = sum(len(r) for r in ours_rows)
-        ours_s = statistics.median(steady)
+        ours_s = engines["ours"].median
+        first_s = engines["ours"].first_s
         phases = {k: statistics.median(r[k] for r in phase_runs) for k in phase_runs[0]}  # as ours_steady_s
         steps = max(int(phases["decode_steps"]), 1)
         min_bytes = roofline.decode_min_bytes_per_step(
@@ -237,7 +245,8 @@ def bench_sampler(args) -> int:
         rec = {**base, "mode": mode, "temperature": kw["temperature"], "top_p": args.top_p, "top_k": args.top_k,
                "ours_tokens": ours_tokens, "ours_first_call_s": round(first_s, 3),
                "ours_compile_s": round(max(first_s - ours_s, 0.0), 3), "ours_steady_s": round(ours_s, 3),
-               "ours_tok_s": round(ours_tokens / ours_s, 1), "ours_peak_rss_mb": round(rss.peak, 1),
+               "ours_runs_s": [round(t, 3) for t in engines["ours"].times],
+               "ours_tok_s": round(ours_tokens / ours_s, 1), "ours_peak_rss_mb": round(engines["ours"].peak_rss, 1),
                "ours_device_peak_mb": device_peak_mb(),
                "ours_prefill_calls_per_run": sampler.prefill_calls // (args.repeats + 1),
                "ours_prefill_s": round(phases["prefill_s"], 3), "ours_decode_s": round(phases["decode_s"], 3),
@@ -245,12 +254,58 @@ def bench_sampler(args) -> int:
                "decode_tok_s": round(ours_tokens / phases["decode_s"], 1),
                **roofline.decode_figures(min_bytes, phases["decode_s"] / steps, stream, peak)}
         sampler.prefill_calls = 0
-        del first
-        if hf_model is not None:
-            rec.update(_bench_hf(hf_model, batch, args, kw, greedy, eos, ours_rows))
+        if "hf" in engines:
+            rec.update(_hf_record(engines["hf"], ours_rows, greedy, eos))
             rec["ratio"] = ratio(rec)
+            # Each pair of adjacent calls on its own: how far the machine's drift moves the ratio.
+            per_token = rec["hf_tokens"] / ours_tokens
+            rec["ratio_per_run"] = [round(h / o / per_token, 2) for o, h in zip(engines["ours"].times,
+                                                                                 engines["hf"].times)]
+        del engines, result
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc), so that the RSS peak of the next
+    engine's call is not inflated by what the other engine freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peaks stay an upper bound
+        pass
+
+
+class _Timed:
+    """One engine's calls: an untimed first call (compilation, warm-up), then timed steady calls."""
+
+    def __init__(self, fn):
+        self.fn, self.times, self.peak_rss, self.out, self.first_s = fn, [], 0.0, None, 0.0
+
+    def _call(self) -> float:
+        release_free_memory()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            self.out = self.fn()
+            seconds = time.perf_counter() - t0
+        self.peak_rss = max(self.peak_rss, rss.peak)
+        return seconds
+
+    def warm_up(self) -> None:
+        """The first call (compilation included)."""
+        self.first_s = self._call()
+
+    def timed(self) -> None:
+        """One steady-state call."""
+        self.times.append(self._call())
+
+    @property
+    def median(self) -> float:
+        """Median steady-state seconds."""
+        return statistics.median(self.times)
 
 
 def _bandwidths(args) -> tuple[float | None, float | None]:
@@ -267,8 +322,8 @@ def _bandwidths(args) -> tuple[float | None, float | None]:
     return stream, args.peak_hbm_gbs or (peaks[0] if peaks else None)
 
 
-def _bench_hf(model, batch, args, kw, greedy, eos, ours_rows) -> dict:
-    """Time transformers' generate (one warm-up run, then the median of --repeats) on the same batch."""
+def _hf_generate(model, batch, args, kw, greedy):
+    """A call of transformers' generate on the same batch and settings (returns its output ids)."""
     import torch
 
     inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
@@ -280,20 +335,23 @@ def _bench_hf(model, batch, args, kw, greedy, eos, ours_rows) -> dict:
     else:
         gen.update(do_sample=True, temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],
                    num_return_sequences=args.n)
-    prompt_len = inputs["input_ids"].shape[1]
-    with PeakRSS() as rss, torch.inference_mode():
-        torch.manual_seed(0)
-        model.generate(**inputs, **gen)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = model.generate(**inputs, **gen)
-            times.append(time.perf_counter() - t0)
+    torch.manual_seed(0)
+
+    def run():
+        with torch.inference_mode():
+            return model.generate(**inputs, **gen), inputs["input_ids"].shape[1]
+
+    return run
+
+
+def _hf_record(engine: _Timed, ours_rows, greedy: bool, eos: set[int]) -> dict:
+    """The HF fields of a record from its timed calls (tokens of the last call)."""
+    out, prompt_len = engine.out
     rows = _hf_rows(out, prompt_len, eos)
     hf_tokens = sum(len(r) for r in rows)
-    hf_s = statistics.median(times)
-    rec = {"hf_tokens": hf_tokens, "hf_s": round(hf_s, 3), "hf_tok_s": round(hf_tokens / hf_s, 1),
-           "hf_peak_rss_mb": round(rss.peak, 1)}
+    hf_s = engine.median
+    rec = {"hf_tokens": hf_tokens, "hf_s": round(hf_s, 3), "hf_runs_s": [round(t, 3) for t in engine.times],
+           "hf_tok_s": round(hf_tokens / hf_s, 1), "hf_peak_rss_mb": round(engine.peak_rss, 1)}
     rec["greedy_identical"] = (rows == ours_rows) if greedy else None
     return rec
 

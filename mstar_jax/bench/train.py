@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mstar_jax.bench.sampler import (BENCH_SPEC, LARGE_SPEC, QUESTIONS, TINY_SPEC, PeakRSS, add_common_args,
-                                     bench_checkpoint, device_peak_mb, machine)
+                                     bench_checkpoint, device_peak_mb, machine, release_free_memory)
 
 # The sampler's >= 20M-parameter bench model (8 x 512 Llama, 32k vocabulary) with 56px images (16 image
 # tokens), so a global batch of 128 short SFT examples takes seconds, not minutes, per step on 2 cores.
@@ -64,6 +64,7 @@ def make_batch(processor, n: int, response_words: int, seed: int = 0) -> dict:
 
 def _time_steps(run_step, steps: int) -> tuple[float, list[float], float, object]:
     """(first call s, steady call s, peak RSS MiB, first result) of repeated calls of run_step()."""
+    release_free_memory()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         first = run_step()
