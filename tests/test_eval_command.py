@@ -71,6 +71,7 @@ def test_eval_tiny_model_end_to_end_with_pass_at_3(setup, tmp_path):
     assert all(len(line["responses"]) == 4 for line in lines)  # greedy + 3 samples
     assert results["n"] == N_ITEMS and results["k"] == 3
     assert results["config"]["benchmark"] == "synthetic" and results["config"]["n"] == 3
+    assert results["config"]["dtype"] == "float32"
 
     hand = _by_hand(lines, rows, k=3)
     assert results["greedy_accuracy"] == pytest.approx(hand["greedy"])
@@ -110,13 +111,15 @@ def test_eval_scores_known_responses_into_default_out_dir(setup, monkeypatch):
     monkeypatch.setattr(eval_cmd, "make_generate_fn", fake_make_generate_fn)
     limit = 9
     rc = main(["eval", str(ckpt), "--benchmark", "synthetic", "--data", str(synth), "--split", "test_ood",
-               "--n", "2", "--temperature", "0.5", "--prompt", "direct", "--limit", str(limit), "--batch-size", "4"])
+               "--n", "2", "--temperature", "0.5", "--prompt", "direct", "--limit", str(limit), "--batch-size", "4",
+               "--dtype", "bfloat16"])
     assert rc == 0
     out = ckpt / "eval" / "synthetic"  # the default: next to the checkpoint (a writable directory)
     results = json.loads((out / "results.json").read_text())
     lines = _read_jsonl(out / "responses.jsonl")
 
     assert [b["id"] for b in seen] == list(rows)[:limit]
+    assert results["config"]["dtype"] == "bfloat16"  # the policy was loaded as asked
     assert all(b["prompt"].endswith(DIRECT_SUFFIX) for b in seen)
     assert all(Path(p).is_absolute() and Path(p).is_file() for b in seen for p in b["images"])
     assert [line["greedy_correct"] for line in lines] == [i % 2 == 0 for i in range(limit)]

@@ -288,6 +288,22 @@ def test_cli_sample_prints_json(tiny_models, tmp_path, capsys):
     assert main(["sample", str(path), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
 
 
+def test_cli_sample_loads_the_requested_dtype(tiny_models, tmp_path, capsys, monkeypatch):
+    import jax.numpy as jnp
+
+    from mstar_jax.cli import main
+
+    loaded = []
+    real_load = mstar_jax.load
+    monkeypatch.setattr(mstar_jax, "load", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
+    path = tiny_models["clip_llama"][0]
+    assert main(["sample", str(path), "--prompt", "Which bar?", "--n", "2", "--max-new-tokens", "3",
+                 "--dtype", "bfloat16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["samples"]) == 2 and all(np.isfinite(s["logprobs"]).all() for s in out["samples"])
+    assert {a.dtype for a in loaded[0].params.values()} == {jnp.dtype(jnp.bfloat16)}
+
+
 def _worker(ckpt: str, out: str) -> None:
     """In a subprocess with 8 CPU devices: greedy samples with params sharded on data=2 x fsdp=2 x tensor=2."""
     from mstar_jax.sharding import make_mesh

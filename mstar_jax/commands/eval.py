@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mstar_jax.commands.sample import add_dtype_arg
+
 BENCHMARK_FORMATS = {"mathvista": "mathvista", "m3cot": "m3cot", "mmstar": "mmstar", "mmbench": "mmbench",
                      "ai2d": "ai2d", "synthetic": "mathvista"}
 # Split read when --data is a directory and --split is not given.
@@ -53,6 +55,7 @@ def register(subparsers) -> None:
                    help="cot: think step by step and end with 'The answer is X' (default); direct: answer only")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--seed", type=int, default=0, help="seed of the Pass@N samples")
+    add_dtype_arg(p)
     p.set_defaults(handler=run_eval_command)
 
 
@@ -196,10 +199,11 @@ def evaluate_checkpoint(ckpt: str | Path, benchmark: str, data: str | Path, *, r
                         split: str | None = None, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                         reasoning_only: bool = False, out: str | Path | None = None, max_new_tokens: int = 256,
                         batch_size: int = 32, prompt: str = "cot", limit: int | None = None, seed: int = 0,
-                        policy=None, log: Callable[[str], None] | None = None) -> tuple[dict, dict[str, Path]]:
+                        dtype: str = "float32", policy=None,
+                        log: Callable[[str], None] | None = None) -> tuple[dict, dict[str, Path]]:
     """Read the benchmark, generate with the checkpoint, score, and write the files; returns (result, paths).
 
-    `policy`: an already loaded Policy (default: `mstar_jax.load(ckpt)`).
+    `policy`: an already loaded Policy (default: `mstar_jax.load(ckpt, dtype=dtype)`).
     """
     from mstar_jax.errors import MstarError
     from mstar_jax.evaluation import run_eval, write_results
@@ -219,7 +223,7 @@ def evaluate_checkpoint(ckpt: str | Path, benchmark: str, data: str | Path, *, r
     if policy is None:
         import mstar_jax
 
-        policy = mstar_jax.load(ckpt)
+        policy = mstar_jax.load(ckpt, dtype=dtype)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=f"eval {benchmark}", unit="q", leave=False, disable=None)
@@ -234,7 +238,8 @@ def evaluate_checkpoint(ckpt: str | Path, benchmark: str, data: str | Path, *, r
     result["config"] = {"checkpoint": str(ckpt), "benchmark": benchmark + ("-R" if reasoning_only else ""),
                         "data": str(path), "split": split, "prompt": prompt, "n": n,
                         "temperature": temperature if n > 1 else None, "top_p": top_p if n > 1 else None,
-                        "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed}
+                        "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
+                        "dtype": str(next(iter(policy.params.values())).dtype)}
     name = benchmark + ("-R" if reasoning_only else "")
     paths = write_results(result, out_dir, title=f"{name}: {Path(str(ckpt)).name} ({result['n']} items)")
     return result, paths
@@ -253,7 +258,7 @@ def run_eval_command(args) -> int:
         args.ckpt, args.benchmark, args.data, root=args.root, split=args.split, n=args.n,
         temperature=args.temperature, top_p=args.top_p, reasoning_only=args.reasoning_only, out=args.out,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prompt=args.prompt, limit=args.limit,
-        seed=args.seed, log=log)
+        seed=args.seed, dtype=args.dtype, log=log)
     print(markdown_table(result), end="")
     print(f"wrote {paths['json']}, {paths['markdown'].name} and {paths['responses'].name} in {paths['json'].parent}")
     return 0

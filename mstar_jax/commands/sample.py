@@ -18,7 +18,15 @@ def register(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt text as is")
     p.add_argument("--json", action="store_true", help='print {"samples": [...]} as JSON')
+    add_dtype_arg(p)
     p.set_defaults(handler=run_sample)
+
+
+def add_dtype_arg(p) -> None:
+    """--dtype: the parameter and KV-cache dtype a command loads the checkpoint in."""
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter and KV-cache dtype (float32, the default, is the one that matches the HF model "
+                        "to 1e-4; bfloat16 halves the memory and the bytes each decode step reads on GPUs/TPUs)")
 
 
 def run_sample(args) -> int:
@@ -41,7 +49,7 @@ def run_sample(args) -> int:
     import mstar_jax
     from mstar_jax.sampler import generate
 
-    policy = mstar_jax.load(args.ckpt)
+    policy = mstar_jax.load(args.ckpt, dtype=args.dtype)
     samples = generate(policy, [image], [args.prompt], n=args.n, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop or None,
                        use_chat_template=not args.no_chat_template)[0]
