@@ -38,7 +38,7 @@ def get_config() -> ConfigDict:
     # Model: an HF LLaVA directory or a converted checkpoint; empty = build and pre-train the tiny demo model.
     c.model = ConfigDict()
     c.model.path = ""
-    c.model.dtype = "float32"
+    c.model.dtype = "float32"  # the master weights' dtype: must be float32 (train.compute_dtype sets the compute)
     c.model.tiny = ConfigDict({"vision": "clip", "text": "llama", "image_size": 56, "patch_size": 14,
                                "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "hidden": 192,
                                "intermediate": 512, "layers": 4, "heads": 6, "kv_heads": 2, "vocab_size": 640})
@@ -51,8 +51,9 @@ def get_config() -> ConfigDict:
                                    "cot_fraction": 0.0, "hint_fraction": 0.15, "cot_direct_fraction": 0.0,
                                    "ood_fraction": 0.0, "seed": 0})
 
-    # Sampling.
-    c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0})
+    # Sampling. dtype: the weights' dtype in rollouts and evaluations ("" = the fp32 master weights as they are;
+    # "bfloat16" casts a copy once per sampling phase: half the bytes per decode step on GPUs/TPUs).
+    c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0, "dtype": ""})
 
     # Warm-up (paper 2.2): answer-hinted CoT rollouts, keep correct, SFT.
     c.warmup = ConfigDict({"num_samples": 8, "temperature": 1.0, "max_examples": 4096, "max_per_query": 4,

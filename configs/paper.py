@@ -16,8 +16,9 @@ def get_config():
     c.data.source = "files"
     c.data.max_prompt_tokens = 2048
     c.model.path = ""  # required: an HF LLaVA directory or a converted checkpoint
-    c.model.dtype = "bfloat16"
-    c.sampling.update({"max_new_tokens": 512, "batch_size": 256})
+    # The loaded policy holds the master weights, so float32; the SFT step computes in bfloat16 (compute_dtype).
+    c.model.dtype = "float32"
+    c.sampling.update({"max_new_tokens": 512, "batch_size": 256, "dtype": "bfloat16"})
     c.warmup.update({"num_samples": 16, "temperature": 1.0, "max_examples": 100_000, "max_per_query": 16,
                      "epochs": 1, "lr": 1e-6})
     c.train.update({"method": "continuous", "interval": 0.25, "passes": 1.0, "num_samples": 16,

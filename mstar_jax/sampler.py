@@ -484,12 +484,23 @@ class Sampler:
         # of the last generate call in `last_phases` (off by default: the wait costs a host round trip).
         self.time_phases = False
         self.last_phases: dict[str, float] = {}
+        # Rollouts may run in a lower precision than the fp32 master weights training holds (config
+        # sampling.dtype): `sampling_params` casts them once per sampling phase; None samples the params as given.
+        self.param_dtype: str | None = None
         self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("n", "new_len"))
         self._decode = jax.jit(functools.partial(_decode, graphdef), static_argnames=("mode",), donate_argnums=(1,))
         self._forced = jax.jit(functools.partial(_forced_logits, graphdef))
         self._token_texts: list[str] | None = None
 
     # ----------------------------------------------------------------------------------------- helpers
+
+    def sampling_params(self, params):
+        """`params` cast to `param_dtype` (floating arrays, shardings kept; a new copy), or `params` itself."""
+        if not self.param_dtype:
+            return params
+        dt = jnp.dtype(self.param_dtype)
+        return {p: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
+                for p, a in params.items()}
 
     def compiled_shapes(self) -> int:
         """How many shapes the prefill and decode functions have compiled (bucketing keeps this small)."""

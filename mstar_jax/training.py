@@ -73,8 +73,30 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Params) -> Any
     return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
 
 
-def create_train_state(params: Params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    """A fresh TrainState around `params` (kept as given: dtype, sharding) with a zeroed optimizer state."""
+def check_master_dtype(params: Params) -> None:
+    """Refuse master weights below float32: an AdamW update smaller than half a bfloat16 spacing is rounded away.
+
+    At the paper's lr of 1e-6 that is nearly every update (a weight of 0.02 has a bf16 spacing of 1.2e-4), so
+    training would run for days and leave the model unchanged (tests/test_training.py shows it on one step).
+    """
+    low = sorted((".".join(map(str, p)), str(a.dtype)) for p, a in params.items()
+                 if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4)
+    if low:
+        raise TrainingError(
+            f"{len(low)} of {len(params)} parameters are in a dtype below float32 (e.g. {low[0][0]}: "
+            f"{low[0][1]}), and AdamW updates smaller than their spacing would be rounded away. Load the policy in "
+            "float32 (mstar_jax.load(path, dtype='float32'); config model.dtype) and compute in bfloat16 with "
+            "compute_dtype='bfloat16' (config train.compute_dtype); or pass allow_low_precision=True.")
+
+
+def create_train_state(params: Params, tx: optax.GradientTransformation, seed: int = 0, *,
+                       allow_low_precision: bool = False) -> TrainState:
+    """A fresh TrainState around `params` (kept as given: dtype, sharding) with a zeroed optimizer state.
+
+    The params are the master weights the updates accumulate in, so they must be float32 unless
+    `allow_low_precision` (see `check_master_dtype`)."""
+    if not allow_low_precision:
+        check_master_dtype(params)
     mesh = _mesh_of(params) or shd.make_mesh(1, 1, 1, jax.devices()[:1])
     rep = _replicated(mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params))(params)
@@ -84,7 +106,7 @@ def create_train_state(params: Params, tx: optax.GradientTransformation, seed: i
 
 def reset_optimizer(state: TrainState, tx: optax.GradientTransformation, keep_schedule: bool = False) -> TrainState:
     """Fresh Adam moments (and, unless keep_schedule, a restarted LR schedule); params and step kept."""
-    fresh = create_train_state(state.params, tx).opt_state
+    fresh = create_train_state(state.params, tx, allow_low_precision=True).opt_state  # dtype checked at creation
     if keep_schedule:
         fresh = _like(with_schedule_count(fresh, schedule_count(state.opt_state)), fresh)
     return state.replace(opt_state=fresh)

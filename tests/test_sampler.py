@@ -288,6 +288,27 @@ def test_cli_sample_prints_json(tiny_models, tmp_path, capsys):
     assert main(["sample", str(path), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
 
 
+def test_sampling_params_cast_a_copy_that_samples_like_a_bf16_load(tiny_models, policies):
+    """Rollouts in bf16 from fp32 master weights: the same tokens as a checkpoint loaded in bf16."""
+    import jax.numpy as jnp
+
+    name = "clip_llama"
+    policy = policies[name]
+    sampler = Sampler(policy.graphdef, policy.config, policy.processor, policy.mesh)
+    assert sampler.sampling_params(policy.params) is policy.params  # no dtype set: sampled as given
+    sampler.param_dtype = "bfloat16"
+    cast = sampler.sampling_params(policy.params)
+    assert {a.dtype for a in cast.values()} == {jnp.dtype(jnp.bfloat16)}
+    assert {a.dtype for a in policy.params.values()} == {jnp.dtype(jnp.float32)}  # the master weights stay
+    assert all(cast[p].sharding == a.sharding for p, a in policy.params.items())
+    bf16 = mstar_jax.load(tiny_models[name][0], dtype="bfloat16")
+    batch = _batch(policy)
+    kw = dict(batch=batch, n=2, temperature=0.0, max_new_tokens=8)
+    ours = sampler.generate(cast, **kw)
+    ref = Sampler(bf16.graphdef, bf16.config, bf16.processor, bf16.mesh).generate(bf16.params, **kw)
+    assert [[s.token_ids for s in x] for x in ours] == [[s.token_ids for s in x] for x in ref]
+
+
 def test_cli_sample_loads_the_requested_dtype(tiny_models, tmp_path, capsys, monkeypatch):
     import jax.numpy as jnp
 

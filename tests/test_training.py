@@ -241,6 +241,26 @@ def test_bf16_compute_with_fp32_master(tiny):
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"]
 
 
+def test_low_precision_master_weights_lose_small_updates_and_are_refused(tiny):
+    """Why bf16 master weights are refused: at the paper's lr one AdamW step changes (almost) no bf16 weight."""
+    _, policy = tiny
+    batch = batch_of(policy, 8)
+    step = make_train_step(policy.graphdef, OptimConfig(lr=1e-6, total_steps=10, warmup_ratio=0.0), policy.mesh,
+                           micro_batch=4, compute_dtype="bfloat16")
+    key = ("language_model", "layers", 0, "mlp", "down_proj", "kernel")
+    changed = {}
+    for dtype in ("float32", "bfloat16"):
+        params = {p: jnp.asarray(a, dtype) for p, a in copy(policy.params).items()}
+        before = np.asarray(params[key]).astype(np.float32)
+        state = create_train_state(params, step.tx, allow_low_precision=dtype != "float32")
+        state, _ = step(state, batch)
+        changed[dtype] = float(np.mean(np.asarray(state.params[key]).astype(np.float32) != before))
+    assert changed["float32"] > 0.9 and changed["bfloat16"] < 0.1, changed
+    bf16 = {p: a.astype(jnp.bfloat16) for p, a in policy.params.items()}
+    with pytest.raises(TrainingError, match=r"below float32 \(e\.g\. .*bfloat16\).*compute_dtype='bfloat16'"):
+        create_train_state(bf16, step.tx)
+
+
 def test_target_bound_buckets_are_coarse_and_cover_the_targets():
     """Steps whose response-token counts differ by tens share a bucket (each new bucket recompiles)."""
     from mstar_jax.training import num_targets_bound

@@ -57,6 +57,7 @@ def sample_queries(sampler, params, queries: Sequence[Query], prompt_fn: Callabl
     from mstar_jax.faults import kill_point
 
     out: list[list] = []
+    params = sampler.sampling_params(params)  # once per phase (e.g. the fp32 master weights as bf16)
     chunk = max(1, batch_size // max(1, n)) if temperature > 0 else batch_size
     bar = tqdm(total=len(queries), desc=desc, unit="q", disable=not progress, leave=False)
     for start in range(0, len(queries), chunk):

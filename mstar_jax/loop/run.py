@@ -144,6 +144,11 @@ def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = (
     if not cfg.model.path and cfg.data.source != "synthetic":
         raise ConfigError("model.path is empty: set --config.model.path to an HF LLaVA directory or a converted "
                           "checkpoint (only the synthetic demo builds its own tiny base model)")
+    if (cfg.model.dtype or "float32") != "float32":
+        # Before hours of base evaluation: the training state would refuse these master weights anyway.
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: the loaded policy holds the master weights that "
+                          "training updates, which need float32 (AdamW steps of lr ~1e-6 vanish in bfloat16); "
+                          "set model.dtype=float32 and train.compute_dtype=bfloat16 for bf16 compute")
     wd = Workdir.open(workdir)
     workdir = wd.local
     check_workdir_config(cfg, wd, ignore)
@@ -154,9 +159,11 @@ def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = (
     say("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
 
     base_path = cfg.model.path or build_base_model(cfg, workdir, splits["pretrain"], say)  # str: may be gs://
-    policy = Policy(load_any(base_path, mesh, cfg.model.dtype or None), None)
+    # float32 also when model.dtype is empty: a bf16 checkpoint's weights become the fp32 master copy.
+    policy = Policy(load_any(base_path, mesh, cfg.model.dtype or "float32"), None)
     policy.processor = load_processor(policy.loaded.hf_files)
     sampler = sampler_for(policy)
+    sampler.param_dtype = cfg.sampling.dtype or None
     say(f"base model: {base_path} ({sum(a.size for a in policy.params.values()) / 1e6:.1f}M parameters)")
 
     results = {"base": evaluate_stage(sampler, policy.params, splits, cfg, workdir / "results" / "base.json", "base")}

@@ -78,6 +78,13 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(smoke_run, tmp_path, k
         assert (workdir / "rollouts" / f).read_text() == (reference / "rollouts" / f).read_text(), f
 
 
+def test_low_precision_master_weights_are_refused_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    proc = mstar("train", "--config", "smoke", "--workdir", str(workdir), "--config.model.dtype=bfloat16")
+    assert proc.returncode == 2 and "model.dtype='bfloat16'" in proc.stderr and "float32" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(workdir.rglob("*"))  # nothing made, evaluated or written
+
+
 def test_missing_data_file_is_named(tmp_path):
     proc = mstar("train", "--config", "smoke", "--workdir", str(tmp_path), "--config.data.source=files",
                  "--config.model.path=/nonexistent/model", f"--config.data.train={tmp_path}/train.json",
