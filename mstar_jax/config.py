@@ -149,18 +149,37 @@ def section_seed(cfg: ConfigDict, section: ConfigDict) -> int:
     return int(cfg.seed) if seed < 0 else seed
 
 
-def diff_configs(a: ConfigDict | dict, b: ConfigDict | dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ between two configs (used to refuse resuming a run with another config)."""
+def diff_configs(a: ConfigDict | dict, b: ConfigDict | dict, prefix: str = "",
+                 defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ between two configs (used to refuse resuming a run with another config).
+
+    `defaults` (a config as a dict, e.g. `default_values()`): a key that `b` has and `a` lacks is no difference
+    when `b` holds the default value, since keys are added at the value that keeps the earlier behaviour.
+    """
     da = a.to_dict() if isinstance(a, ConfigDict) else a
     db = b.to_dict() if isinstance(b, ConfigDict) else b
+    defaults = defaults or {}
     out = []
     for k in sorted(set(da) | set(db)):
         va, vb = da.get(k, "<missing>"), db.get(k, "<missing>")
+        dk = defaults.get(k, "<missing>") if isinstance(defaults, dict) else "<missing>"
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, prefix + k + ".")
+            out += diff_configs(va, vb, prefix + k + ".", dk if isinstance(dk, dict) else None)
+        elif k not in da and dk != "<missing>" and _norm(vb) == _norm(dk):
+            continue  # added since `a` was written, at the value that keeps the earlier behaviour
         elif _norm(va) != _norm(vb):
             out.append(f"{prefix}{k}: {va!r} != {vb!r}")
     return out
+
+
+def default_values(name: str = "demo") -> dict:
+    """The base config's values as a plain dict (empty when configs/ is not installed beside the package)."""
+    import json
+
+    try:
+        return json.loads(load_config_file(resolve_config_path(name)).to_json())  # as workdirs store configs
+    except ConfigError:
+        return {}
 
 
 def _norm(v: Any) -> Any:

@@ -55,3 +55,33 @@ def test_diff_configs_names_changed_keys(cfg_file):
     b = load_config(str(cfg_file), ["--config.train.lr=0.1"])
     assert diff_configs(a, b) == ["train.lr: 1e-06 != 0.1"]
     assert diff_configs(a, a) == []
+
+
+def test_keys_added_at_their_default_are_no_difference():
+    """A workdir written before a key existed resumes when the key holds the value that keeps the old behaviour."""
+    previous = {"sampling": {"max_new_tokens": 48}, "train": {"lr": 0.1}}
+    defaults = {"sampling": {"max_new_tokens": 48, "dtype": ""}, "train": {"lr": 0.5}}
+    same = {"sampling": {"max_new_tokens": 48, "dtype": ""}, "train": {"lr": 0.1}}
+    assert diff_configs(previous, same, defaults=defaults) == []
+    assert diff_configs(previous, same) == ["sampling.dtype: '<missing>' != ''"]  # strict without defaults
+    other = {"sampling": {"max_new_tokens": 48, "dtype": "bfloat16"}, "train": {"lr": 0.1}}
+    assert diff_configs(previous, other, defaults=defaults) == ["sampling.dtype: '<missing>' != 'bfloat16'"]
+    # A removed key or a changed value is still a difference, defaults or not.
+    assert diff_configs(same, previous, defaults=defaults) == ["sampling.dtype: '' != '<missing>'"]
+    assert diff_configs(previous, {**same, "train": {"lr": 0.5}}, defaults=defaults) == ["train.lr: 0.1 != 0.5"]
+
+
+def test_workdir_of_an_earlier_version_resumes_with_the_new_keys_at_default(tmp_path):
+    import json
+
+    from mstar_jax.config import default_values
+    from mstar_jax.loop.run import check_workdir_config
+
+    cfg = load_config("smoke")
+    stored = json.loads(cfg.to_json())
+    del stored["sampling"]["dtype"]  # as written before the key was added
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert default_values()["sampling"]["dtype"] == ""
+    check_workdir_config(cfg, tmp_path)  # accepted
+    with pytest.raises(ConfigError, match="sampling.dtype"):
+        check_workdir_config(load_config("smoke", ["--config.sampling.dtype=bfloat16"]), tmp_path)

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from mstar_jax.config import diff_configs
+from mstar_jax.config import default_values, diff_configs
 from mstar_jax.errors import ConfigError
 from mstar_jax.reporting import write_atomic
 from mstar_jax.workdir import Workdir, publish
@@ -42,7 +42,7 @@ def check_workdir_config(cfg, workdir: Workdir | str | Path, ignore: tuple[str, 
     current = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in ignore}
     if path.exists():
         previous = json.loads(path.read_text())
-        diffs = diff_configs(previous, current)
+        diffs = diff_configs(previous, current, defaults=default_values())
         if diffs:
             raise ConfigError(f"{wd.url} was made with a different config; differing keys: " + "; ".join(diffs)
                               + ". Use a new --workdir or the original config.")
