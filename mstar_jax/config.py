@@ -162,7 +162,7 @@ def diff_configs(a: ConfigDict | dict, b: ConfigDict | dict, prefix: str = "",
     out = []
     for k in sorted(set(da) | set(db)):
         va, vb = da.get(k, "<missing>"), db.get(k, "<missing>")
-        dk = defaults.get(k, "<missing>") if isinstance(defaults, dict) else "<missing>"
+        dk = defaults.get(k, "<missing>")
         if isinstance(va, dict) and isinstance(vb, dict):
             out += diff_configs(va, vb, prefix + k + ".", dk if isinstance(dk, dict) else None)
         elif k not in da and dk != "<missing>" and _norm(vb) == _norm(dk):

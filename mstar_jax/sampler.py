@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mstar_jax import sharding as shd
-from mstar_jax.conversion import merge
+from mstar_jax.conversion import cast_params, merge
 from mstar_jax.errors import MstarError
 from mstar_jax.models.layers import KVCache
 from mstar_jax.models.llava.model import positions_from_mask
@@ -495,12 +495,8 @@ class Sampler:
     # ----------------------------------------------------------------------------------------- helpers
 
     def sampling_params(self, params):
-        """`params` cast to `param_dtype` (floating arrays, shardings kept; a new copy), or `params` itself."""
-        if not self.param_dtype:
-            return params
-        dt = jnp.dtype(self.param_dtype)
-        return {p: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
-                for p, a in params.items()}
+        """`params` cast to `param_dtype` (shardings kept; a new copy), or `params` itself."""
+        return cast_params(params, self.param_dtype) if self.param_dtype else params
 
     def compiled_shapes(self) -> int:
         """How many shapes the prefill and decode functions have compiled (bucketing keeps this small)."""
