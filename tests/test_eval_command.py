@@ -9,7 +9,7 @@ import pytest
 
 import mstar_jax
 from mstar_jax.cli import main
-from mstar_jax.commands import eval as eval_cmd
+from mstar_jax import benchmark_eval
 from mstar_jax.loop.prompts import DIRECT_SUFFIX
 
 ABBREV = {"figure question answering": "FQA", "geometry problem solving": "GPS", "math word problem": "MWP",
@@ -82,7 +82,7 @@ def test_eval_tiny_model_end_to_end_with_pass_at_3(setup, tmp_path):
         assert got["n"] == entry["n"]
         assert got["greedy_accuracy"] == pytest.approx(entry["greedy"])
         assert got["pass@3"] == pytest.approx(entry["pass"])
-    assert "pass@3 (%)" in table.splitlines()[2]
+    assert "metric: accuracy" in table and "| task | n | greedy acc (%) | pass@3 (%) |" in table
     assert f"| **overall** | {N_ITEMS} | {hand['greedy']:.1f} | {hand['pass']:.1f} |" in table
 
 
@@ -108,7 +108,7 @@ def test_eval_scores_known_responses_into_default_out_dir(setup, monkeypatch):
 
         return generate
 
-    monkeypatch.setattr(eval_cmd, "make_generate_fn", fake_make_generate_fn)
+    monkeypatch.setattr(benchmark_eval, "make_generate_fn", fake_make_generate_fn)
     limit = 9
     rc = main(["eval", str(ckpt), "--benchmark", "synthetic", "--data", str(synth), "--split", "test_ood",
                "--n", "2", "--temperature", "0.5", "--prompt", "direct", "--limit", str(limit), "--batch-size", "4",
@@ -149,13 +149,15 @@ def test_eval_user_errors_are_one_line_exit_2(setup, tmp_path, capsys, flags, me
     rc = main(["eval", str(tmp_path / "no-ckpt"), *flags, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert len(err.splitlines()) == 1 and err.startswith("mstar eval: error: ") and message in err, err
+    *before, last = err.splitlines()
+    assert last.startswith("mstar eval: error: ") and message in last, err  # one line, no traceback
+    assert all(line.startswith("read ") for line in before), err  # at most the reader's report line before it
     assert not (tmp_path / "out").exists()
 
 
 def test_default_out_dir(tmp_path):
-    assert eval_cmd.default_out_dir(tmp_path, "mmstar", reasoning_only=True) == tmp_path / "eval" / "mmstar-R"
-    assert eval_cmd.default_out_dir(tmp_path / "absent", "ai2d") == Path("runs/eval/ai2d")
-    assert eval_cmd.default_out_dir("gs://bucket/ckpt", "mathvista") == Path("runs/eval/mathvista")
+    assert benchmark_eval.default_out_dir(tmp_path, "mmstar", reasoning_only=True) == tmp_path / "eval" / "mmstar-R"
+    assert benchmark_eval.default_out_dir(tmp_path / "absent", "ai2d") == Path("runs/eval/ai2d")
+    assert benchmark_eval.default_out_dir("gs://bucket/ckpt", "mathvista") == Path("runs/eval/mathvista")
     (tmp_path / "eval").write_text("a file, not a folder")
-    assert eval_cmd.default_out_dir(tmp_path, "m3cot") == Path("runs/eval/m3cot")
+    assert benchmark_eval.default_out_dir(tmp_path, "m3cot") == Path("runs/eval/m3cot")

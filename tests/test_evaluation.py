@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mstar_jax.data.records import Record
-from mstar_jax.evaluation import (evaluate_responses, markdown_table, pass_at_k, reasoning_subset, run_eval,
+from mstar_jax.errors import DataError
+from mstar_jax.evaluation import (evaluate_responses, pass_at_k, reasoning_subset, results_markdown, run_eval,
                                   task_of, write_results)
 
 
@@ -59,7 +60,7 @@ def test_written_files(tmp_path):
     assert json.loads(lines[1])["correct"] == [False, False, True, False]
     md = paths["markdown"].read_text()
     assert "| FQA | 2 | 50.0 | 100.0 |" in md and "| **overall** | 4 | 50.0 | 75.0 |" in md
-    greedy_only = markdown_table(evaluate_responses(ITEMS, [r[:1] for r in RESPONSES]))
+    greedy_only = results_markdown(evaluate_responses(ITEMS, [r[:1] for r in RESPONSES]))
     assert "pass@" not in greedy_only and "| GPS | 1 | 0.0 |" in greedy_only
 
 
@@ -74,6 +75,9 @@ def test_reasoning_subsets_drop_perception():
     assert [r.id for r in reasoning_subset(bench, "mmbench")] == ["2"]
     with pytest.raises(ValueError):
         reasoning_subset(star, "ai2d")
+    # categories that are not the benchmark's would silently keep everything: an error naming what was found
+    with pytest.raises(DataError, match="none of the 2 items .* found: logical reasoning, math"):
+        reasoning_subset(star[2:], "mmstar")
 
 
 def test_task_of_fallbacks():
@@ -103,3 +107,65 @@ def test_run_eval_batches_prompts_through_generate_fn(tmp_path):
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError):
         evaluate_responses(ITEMS, RESPONSES[:2])
+
+
+def _letter(rec, text):
+    return "ABCD"[rec.choices.index(text)]
+
+
+def test_mmbench_circular_eval_one_wrong_copy_fails_its_question(tmp_path):
+    from mstar_jax.data.readers import read_dataset
+    from tests.data import benchmark_fixtures as F
+
+    records, _ = read_dataset(F.write_mmbench_tsv(tmp_path), "mmbench")
+    items = [r.to_item() for r in records]
+    wrong = "2000812"  # one rotated copy of question 812 answered wrongly, every other copy right
+    responses = [[f"The answer is {_letter(r, r.answer) if r.id != wrong else _letter(r, r.choices[-1])}."]
+                 for r in records]
+    circular = evaluate_responses(items, responses, metric="circular")
+    assert (circular["greedy_accuracy"], circular["n"], circular["rows"]) == (50.0, 2, 8)
+    assert circular["per_task"] == {"attribute_reasoning": {"n": 1, "greedy_accuracy": 100.0},
+                                    "coarse_perception": {"n": 1, "greedy_accuracy": 0.0}}
+    first = evaluate_responses(items, responses, metric="first_copy")
+    assert (first["greedy_accuracy"], first["n"], first["metric"]) == (100.0, 2, "first_copy")
+    assert evaluate_responses(items, responses)["greedy_accuracy"] == pytest.approx(100 * 7 / 8)
+
+
+def test_circular_pass_at_k_needs_every_copy(tmp_path):
+    from mstar_jax.data.readers import read_dataset
+    from tests.data import benchmark_fixtures as F
+
+    records, _ = read_dataset(F.write_mmbench_tsv(tmp_path), "mmbench")
+    items = [r.to_item() for r in records]
+
+    def responses(samples_of_1000812):
+        right = {r.id: f"The answer is {_letter(r, r.answer)}." for r in records}
+        return [[right[r.id]] + (samples_of_1000812 if r.id == "1000812" else [right[r.id]] * 2) for r in records]
+
+    wrong, right = "The answer is Z.", f"The answer is {_letter(records[5], records[5].answer)}."
+    assert records[5].id == "1000812"
+    # every sample of one copy wrong: its question fails Pass@2 although its other copies pass
+    assert evaluate_responses(items, responses([wrong, wrong]), k=2, metric="circular")["pass@2"] == 50.0
+    assert evaluate_responses(items, responses([wrong, right]), k=2, metric="circular")["pass@2"] == 100.0
+
+
+def test_mathvista_per_task_and_per_skill_tables(tmp_path):
+    from mstar_jax.data.readers import read_dataset
+    from tests.data import benchmark_fixtures as F
+
+    records, _ = read_dataset(F.write_mathvista_json(tmp_path / "data"), "mathvista")
+    items = [r.to_item() for r in records]  # pids 2 (VQA), 5 (GPS), 404 (MWP)
+    responses = [["The answer is 1000."], ["The answer is (D)."], ["The answer is D."]]
+    prompts = [f"prompt of {it['pid']}" for it in items]
+    r = evaluate_responses(items, responses, prompts=prompts)
+    assert r["greedy_accuracy"] == pytest.approx(200 / 3) and r["metric"] == "accuracy"
+    assert {t: e["greedy_accuracy"] for t, e in r["per_task"].items()} == {"GPS": 0.0, "MWP": 100.0, "VQA": 100.0}
+    # an item counts for each of its skills, as MathVista's calculate_score.py does
+    assert {s: (e["n"], e["greedy_accuracy"]) for s, e in r["per_skill"].items()} == {
+        "ALG": (1, 0.0), "ARI": (2, 100.0), "GEO": (1, 0.0), "NUM": (2, 100.0), "STA": (1, 100.0)}
+    paths = write_results(r, tmp_path / "out", title="MathVista")
+    lines = [json.loads(x) for x in paths["responses"].read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == prompts and lines[1]["choices"] == ["97", "102", "107", "122"]
+    md = paths["markdown"].read_text()
+    assert "| GEO | 1 | 0.0 |" in md and "| **overall** | 3 | 66.7 |" in md
+    assert json.loads(paths["json"].read_text())["per_skill"]["NUM"]["n"] == 2

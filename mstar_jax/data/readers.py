@@ -1,29 +1,31 @@
 """Readers of the published dataset files into `Record`s, each returning (records, LoadReport).
 
-Formats (the layouts as published; where a detail could not be checked against the real files it says so):
-  mathv360k  Math-LLaVA's `train_samples_all_tuning.json`: a JSON list of
-             {"id", "image": "<rel path>", "conversations": [{"from": "human", "value": "<image>\\n..."},
-             {"from": "gpt", "value": "The answer is X"}]}; a longer gpt value is kept as the rationale.
-             Choices are read from a "Choices:" / "Options:" block of the question.
-  mathvista  AI4Math/MathVista `testmini.json` / `test.json` (a JSON dict keyed by pid) or its parquet
-             (`decoded_image` = {"bytes", "path"}); fields pid, question, image, choices, unit, precision,
-             answer, question_type, answer_type, metadata{task, category, skills, source, ...}, query.
-  m3cot      LightChen2333/M3CoT (parquet, JSON or JSONL): id, category, image_id, question, choices, context,
-             answer (a letter), rationale, split, image ({"bytes", "path"} or a path), domain, topic.
-             Assumption: without an `image` field the image is looked up as images/<image_id>.{png,jpg,...}.
-  mmstar     Lin-Chen/MMStar parquet (index, question, image, answer letter, category, l2_category, meta_info)
-             or VLMEvalKit's MMStar.tsv (base64 image, optional A-D columns). Without A-D columns the options
-             are read from "Options: A: x, B: y, ..." inside the question.
-  mmbench    VLMEvalKit / OpenCompass MMBench TSV: index, question, hint, A, B, C, D, answer, category,
-             l2-category, image (base64; a short value is the index of the row holding the same image).
-  ai2d       lmms-lab/ai2d parquet: question, options (list), answer (the 0-based option index as a string),
-             image ({"bytes", "path"}); ids are "ai2d-<row>".
+Formats, as the releases store them (where to get each: docs/benchmarks_data.md):
+  mathv360k  Zhiqiang007/MathV360K `train_samples_all_tuning.json`: a JSON list of {"id", "image":
+             "<Source>/images/<file>", "conversations": [{"from": "human", "value": "<image>\\nHint: ..\\nQuestion:
+             ..\\nChoices:\\n(A) .."}, {"from": "gpt", "value": "The answer is B"}]}. The images sit in `data_images/`
+             beside the JSON. A gpt value longer than "The answer is X" is kept as the rationale.
+  mathvista  AI4Math/MathVista `testmini.json` / `test.json` (a dict keyed by pid) with the prompt text of each pid
+             in `query.json` beside it, or the HF parquet (`decoded_image` {"bytes", "path"}, `metadata` a struct,
+             `query` a column). Without either query source the query is built as MathVista's build_query does.
+  m3cot      LightChen2333/M3CoT parquet (`image` {"bytes", "path"}) or its jsonl release, whose `image` path is
+             written from the folder above the jsonl ("data/images/x.png"); the prefix that does not resolve under
+             the root is dropped. Without `image`, images/<image_id>.png is used.
+  mmstar     Lin-Chen/MMStar parquet: index, question with "Options: A: .., B: .." inside, image, answer letter,
+             category, l2_category, meta_info {source, split, image_path}; or a TSV with A-D columns.
+  mmbench    VLMEvalKit's MMBench TSV (index, question, hint, A-D, answer, category, l2-category, split, image: base64
+             or the index of the row that holds it) or lmms-lab's parquet (`L2-category`). Rotated copies of a question
+             sit at index + k * 1e6; each copy is a record and metadata["circular_group"] ties them (CircularEval).
+  ai2d       lmms-lab/ai2d parquet (question, options, answer = the 0-based option index, image) or VLMEvalKit's
+             AI2D_TEST.tsv (index, question, A-D, answer letter, base64 image).
   records    our own JSONL of `Record.to_json()` (what `mstar data prepare` and tests write).
 
-Embedded images (base64 or parquet bytes) are decoded once and written to
-`<root>/_image_cache/<format>/<sha1 of the bytes>.<ext>`, so records stay plain paths and a re-read reuses
-the files. Nothing is dropped silently: each left-out record is in the report with its file and id.
+Every benchmark record's `query` is the text the benchmark asks with (see `mstar_jax.data.queries`). Embedded
+images (base64 or parquet bytes) are decoded once into `<root>/_image_cache/<format>/<sha1>.<ext>`, so records stay
+plain paths and a re-read reuses the files. Nothing is dropped silently: each left-out record is in the report with
+its file and id, and the report's notes say what the reader assumed (root, query source, splits, copies).
 """
+
 
 from __future__ import annotations
 
@@ -35,14 +37,15 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
-from mstar_jax.data.records import LETTERS, LoadReport, Record, collect, infer_answer_type
+from mstar_jax.data.queries import m3cot_query, mathvista_query, mcq_query
+from mstar_jax.data.records import LETTERS, LoadReport, Record, collect, infer_answer_type, safe_relative_path
 from mstar_jax.errors import DataError
+from mstar_jax.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +135,7 @@ class ImageCache:
         name = f"{hashlib.sha1(data).hexdigest()[:24]}.{ext}"
         path = self.dir / name
         if not path.exists():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # atomic: concurrent readers never see half a file
+            write_atomic(path, data, publish=False)  # concurrent readers never see half a file
         return f"{CACHE_DIR}/{self.dir.name}/{name}", None
 
     def store_base64(self, text: str):
@@ -181,22 +181,27 @@ def parse_choices(text: str) -> tuple[str, list[str] | None]:
     return text[:m.start()].strip(), choices
 
 
-def _letter_to_choice(answer: str | None, choices: list[str]) -> str | None:
-    """The choice text for a letter / "(B)" / 0-based index string, or the answer itself if it is a choice."""
+def _letter_to_choice(answer: str | None, choices: list[str], letter_first: bool = False) -> str | None:
+    """The choice text for a letter / "(B)", or the answer itself if it is a choice.
+
+    letter_first: the file's answers are letters (MMBench, MMStar, AI2D TSV, M3CoT), so "B" means the second choice
+    even when some choice's text is "B" (AI2D has options like ["c", "D", "b", "a"]).
+    """
     if answer is None:
         return None
-    if answer in choices:
-        return answer
     m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", answer.strip())
-    if m and LETTERS.find(m.group(1).upper()) < len(choices):
-        return choices[LETTERS.index(m.group(1).upper())]
-    return answer  # left as is: validation reports it as a bad answer
+    by_letter = choices[LETTERS.index(m.group(1).upper())] if m and LETTERS.find(m.group(1).upper()) < len(
+        choices) else None
+    if by_letter is not None and (letter_first or answer not in choices):
+        return by_letter
+    return answer  # a choice's text, or left as is for validation to report as a bad answer
 
 
-def _mc_record(rid, images, question, choices, answer, metadata, query=None, rationale=None) -> Record:
+def _mc_record(rid, images, question, choices, answer, metadata, query=None, rationale=None,
+               letter_first=True) -> Record:
     return Record(id=str(rid), images=images, question=question, choices=choices,
-                  answer=_letter_to_choice(answer, choices), answer_type="text", precision=None, unit=None,
-                  question_type="multi_choice", metadata=metadata, rationale=rationale, query=query)
+                  answer=_letter_to_choice(answer, choices, letter_first), answer_type="text", precision=None,
+                  unit=None, question_type="multi_choice", metadata=metadata, rationale=rationale, query=query)
 
 
 def _guard(rows: Iterable[tuple[int, Any]], make: Callable[[int, dict], Candidate], id_key=None) -> Iterator[Candidate]:
@@ -220,39 +225,64 @@ def _guard(rows: Iterable[tuple[int, Any]], make: Callable[[int, dict], Candidat
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def _mathv360k(i: int, row: dict) -> Candidate:
+def _mathv360k(root: Path, report: LoadReport) -> Callable[[int, dict], Candidate]:
     from mstar_jax.answers import extract_answer
 
-    rid = str(row.get("id") or f"#{i}")
-    conv = row["conversations"]
-    human = next(t for t in conv if t.get("from") in ("human", "user"))
-    gpt = next((t for t in conv if t.get("from") in ("gpt", "assistant")), None)
-    query = human["value"].replace("<image>", "").strip()
-    body = query.split("Question:", 1)[1].strip() if "Question:" in query else query
-    question, choices = parse_choices(body)
-    image = row.get("image")
-    images = [image] if isinstance(image, str) else list(image or [])
-    answer, rationale = None, None
-    if gpt is not None and _str(gpt.get("value")):
-        text = gpt["value"].strip()
-        answer = extract_answer(text)
-        if answer is None:
-            return rid, None, ("bad_answer", f"no final answer in the gpt turn {text[:80]!r}")
-        if not re.fullmatch(r"(?is)(the )?(final )?answer( is)?\s*:?\s*\S.{0,200}", text):
-            rationale = text  # a worked solution, not just "The answer is X"
-    meta = {"source": images[0].split("/", 1)[0] if images and "/" in images[0] else "mathv360k"}
-    meta.update(row.get("metadata") or {})
-    if choices and answer is not None and (_letter_to_choice(answer, choices) in choices):
-        return rid, _mc_record(rid, images, question, choices, answer, meta, query, rationale), None
-    if choices and answer is None:
-        return rid, _mc_record(rid, images, question, choices, None, meta, query, rationale), None
-    atype, precision = infer_answer_type(answer) if answer is not None else ("text", None)
-    return rid, Record(id=rid, images=images, question=question if not choices else body, choices=None,
-                       answer=answer, answer_type=atype, precision=precision, unit=None, question_type="free_form",
-                       metadata=meta, rationale=rationale, query=query), None
+    images_dir = "data_images"  # the release unzips its images there, beside the JSON
+
+    def locate(rel: str) -> str:
+        if not (root / rel).exists() and (root / images_dir / rel).is_file():
+            report.note(f"images: under {images_dir}/ in {root}")
+            return f"{images_dir}/{rel}"
+        return rel
+
+    def make(i: int, row: dict) -> Candidate:
+        rid = str(row.get("id") or f"#{i}")
+        conv = row["conversations"]
+        human = next(t for t in conv if t.get("from") in ("human", "user"))
+        gpt = next((t for t in conv if t.get("from") in ("gpt", "assistant")), None)
+        query = human["value"].replace("<image>", "").strip()
+        body = query.split("Question:", 1)[1].strip() if "Question:" in query else query
+        question, choices = parse_choices(body)
+        image = row.get("image")
+        raw_images = [image] if isinstance(image, str) else list(image or [])
+        images = [locate(p) if safe_relative_path(p) else p for p in raw_images]
+        answer, rationale = None, None
+        if gpt is not None and _str(gpt.get("value")):
+            text = gpt["value"].strip()
+            answer = extract_answer(text)
+            if answer is None:
+                return rid, None, ("bad_answer", f"no final answer in the gpt turn {text[:80]!r}")
+            if not re.fullmatch(r"(?is)(the )?(final )?answer( is)?\s*:?\s*\S.{0,200}", text):
+                rationale = text  # a worked solution, not just "The answer is X"
+        source = raw_images[0].split("/", 1)[0] if raw_images and "/" in raw_images[0] else "mathv360k"
+        meta = {"source": source, **(row.get("metadata") or {})}
+        if choices and (answer is None or _letter_to_choice(answer, choices) in choices):
+            return rid, _mc_record(rid, images, question, choices, answer, meta, query, rationale,
+                                   letter_first=False), None
+        atype, precision = infer_answer_type(answer) if answer is not None else ("text", None)
+        return rid, Record(id=rid, images=images, question=question if not choices else body, choices=None,
+                           answer=answer, answer_type=atype, precision=precision, unit=None, question_type="free_form",
+                           metadata=meta, rationale=rationale, query=query), None
+    return make
 
 
-def _mathvista(cache: ImageCache) -> Callable[[int, dict], Candidate]:
+def _load_queries(path: Path) -> dict[str, str] | None:
+    """MathVista's query.json ({pid: prompt text}) beside a split file, or None when there is none."""
+    qpath = path.with_name("query.json")
+    if not qpath.is_file():
+        return None
+    try:
+        data = json.loads(qpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{qpath}: not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{qpath}: expected a JSON object {{pid: query}}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _mathvista(cache: ImageCache, queries: dict[str, str] | None, report: LoadReport
+               ) -> Callable[[int, dict], Candidate]:
     def make(i: int, row: dict) -> Candidate:
         rid = str(row.get("pid") or f"#{i}")
         decoded = row.get("decoded_image")
@@ -267,23 +297,47 @@ def _mathvista(cache: ImageCache) -> Callable[[int, dict], Candidate]:
         precision = row.get("precision")
         precision = None if _missing(precision) else int(float(precision))
         answer = _str(row.get("answer"))
-        qtype = row.get("question_type")
+        qtype, atype, unit = row.get("question_type"), row.get("answer_type"), _str(row.get("unit"))
         if qtype == "multi_choice" and choices:
             answer = _letter_to_choice(answer, choices)
         meta = row.get("metadata") or {}
         meta = json.loads(meta) if isinstance(meta, str) else dict(meta)  # a struct in parquet, a dict in JSON
-        return rid, Record(id=rid, images=[image], question=str(row["question"]), choices=choices, answer=answer,
-                           answer_type=row.get("answer_type"), precision=precision, unit=_str(row.get("unit")),
-                           question_type=qtype, metadata=meta, query=_str(row.get("query")),
-                           rationale=_str(row.get("rationale"))), None  # not in MathVista; synth writes it
+        question = str(row["question"])
+        query = _str(row.get("query"))
+        if query is None and queries is not None and rid in queries:
+            query = queries[rid]
+            report.note("query: from query.json beside the file")
+        elif query is None:
+            query = mathvista_query(question, question_type=qtype, answer_type=atype, precision=precision,
+                                    unit=unit, choices=choices)
+            report.note("query: built from the fields as MathVista's build_query does (no query.json / query column)")
+        return rid, Record(id=rid, images=[image], question=question, choices=choices, answer=answer,
+                           answer_type=atype, precision=precision, unit=unit, question_type=qtype, metadata=meta,
+                           query=query, rationale=_str(row.get("rationale"))), None  # rationale: synth writes it
     return make
 
 
-def _m3cot(cache: ImageCache, root: Path) -> Callable[[int, dict], Candidate]:
+def _resolve_below(root: Path, rel: str, report: LoadReport) -> str:
+    """`rel`, or its shortest tail that exists under root when rel itself does not (M3CoT's jsonl paths)."""
+    if safe_relative_path(rel) is None or (root / rel).exists():
+        return rel
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    for k in range(1, len(parts)):
+        tail = "/".join(parts[k:])
+        if (root / tail).is_file():
+            report.note(f"image paths: leading {'/'.join(parts[:k])}/ dropped to resolve them under {root}")
+            return tail
+    return rel  # validation reports it missing
+
+
+def _m3cot(cache: ImageCache, root: Path, report: LoadReport) -> Callable[[int, dict], Candidate]:
     def make(i: int, row: dict) -> Candidate:
         rid = str(row.get("id") or f"#{i}")
-        if not _missing(row.get("image")):
-            image, err = _image_ref(row.get("image"), cache)
+        value = row.get("image")
+        if isinstance(value, str) and value.strip():
+            image, err = _resolve_below(root, value.strip(), report), None
+        elif not _missing(value):
+            image, err = _image_ref(value, cache)
         elif _str(row.get("image_id")):
             image, err = _find_image(root, str(row["image_id"])), None
         else:
@@ -291,13 +345,11 @@ def _m3cot(cache: ImageCache, root: Path) -> Callable[[int, dict], Candidate]:
         if err:
             return rid, None, err
         choices = [str(c) for c in row["choices"]]
-        context = _str(row.get("context"))
-        question = str(row["question"])
-        query = f"Context: {context}\n{question}" if context else None
+        question, context = str(row["question"]), _str(row.get("context"))
         meta = {k: row.get(k) for k in ("category", "domain", "topic", "split") if not _missing(row.get(k))}
         meta["task"] = meta.get("domain", "m3cot")
-        return rid, _mc_record(rid, [image], question, choices, _str(row.get("answer")), meta, query,
-                               _str(row.get("rationale"))), None
+        return rid, _mc_record(rid, [image], question, choices, _str(row.get("answer")), meta,
+                               m3cot_query(question, choices, context), _str(row.get("rationale"))), None
     return make
 
 
@@ -323,72 +375,106 @@ def _letter_columns(row: dict) -> list[str] | None:
 
 
 def _embedded_image(value, cache: ImageCache, images_by_index: dict[str, str] | None):
-    """An MMBench/MMStar image cell: HF image dict, raw bytes, base64 text, or a reference to another row."""
+    """A TSV / parquet image cell: HF image dict, raw bytes, base64 text, or the index of the row holding it."""
     if isinstance(value, (dict, bytes, bytearray)):
         return _image_ref(value, cache)
     text = _str(value)
     if text is None:
         return None, ("image_missing", "record has no image")
-    if len(text) <= 64 and images_by_index is not None and text in images_by_index:
+    if len(text) <= 64 and images_by_index is not None:
+        if text not in images_by_index:
+            return None, ("image_missing", f"image refers to row index {text!r}, which holds no image")
         text = images_by_index[text]  # VLMEvalKit stores a repeated image once and refers to its row index
     return cache.store_base64(text)
 
 
-def _mmstar(cache: ImageCache) -> Callable[[int, dict], Candidate]:
+def _l2_category(row: dict) -> str | None:
+    """The level-2 category under any of its published spellings (l2-category, L2-category, l2_category)."""
+    for key, value in row.items():
+        if str(key).lower().replace("_", "-") == "l2-category":
+            return _str(value)
+    return None
+
+
+def _meta_info(value) -> dict:
+    """MMStar's meta_info: a struct in the parquet, maybe a JSON / Python-literal string in a TSV."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.strip().startswith("{"):
+        import ast
+
+        try:
+            return dict(ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            return {}
+    return {}
+
+
+def _mmstar(cache: ImageCache, images_by_index) -> Callable[[int, dict], Candidate]:
     def make(i: int, row: dict) -> Candidate:
         rid = str(row.get("index") if not _missing(row.get("index")) else f"#{i}")
-        image, err = _embedded_image(row.get("image"), cache, None)
+        image, err = _embedded_image(row.get("image"), cache, images_by_index)
         if err:
             return rid, None, err
-        raw_q = str(row["question"])
-        choices = _letter_columns(row)
-        question = raw_q
-        if not choices:
-            question, choices = parse_choices(raw_q)
+        question, choices = str(row["question"]), _letter_columns(row)
+        if not choices:  # the parquet keeps "Options: A: x, B: y" inside the question: take them out
+            question, choices = parse_choices(question)
         if not choices:
             return rid, None, ("malformed", "no options found (neither A-D columns nor an 'Options:' block)")
-        l2 = _str(row.get("l2_category") or row.get("l2-category"))
-        meta = {"category": _str(row.get("category")), "l2_category": l2, "task": _str(row.get("category"))}
-        if not _missing(row.get("meta_info")):
-            meta["meta_info"] = row["meta_info"] if isinstance(row["meta_info"], (dict, str)) else str(row["meta_info"])
-        return rid, _mc_record(rid, [image], question, choices, _str(row.get("answer")), meta, raw_q), None
+        info = _meta_info(row.get("meta_info"))
+        meta = {"category": _str(row.get("category")), "l2_category": _l2_category(row),
+                "task": _str(row.get("category"))}
+        meta.update({k: _str(info.get(k)) for k in ("source", "split") if _str(info.get(k))})
+        return rid, _mc_record(rid, [image], question, choices, _str(row.get("answer")), meta,
+                               mcq_query(question, choices)), None
     return make
 
 
-def _mmbench(cache: ImageCache, images_by_index: dict[str, str]) -> Callable[[int, dict], Candidate]:
+CIRCULAR_OFFSET = 1_000_000  # MMBench: copy k of question i sits at index i + k * 1e6
+
+
+def _mmbench(cache: ImageCache, images_by_index) -> Callable[[int, dict], Candidate]:
     def make(i: int, row: dict) -> Candidate:
         rid = str(row.get("index") if not _missing(row.get("index")) else f"#{i}")
+        index = int(float(row["index"]))  # lmms-lab's en config stores it as a string
         image, err = _embedded_image(row.get("image"), cache, images_by_index)
         if err:
             return rid, None, err
         choices = _letter_columns(row)
         if not choices:
             return rid, None, ("malformed", "no options in the A-D columns")
-        question = str(row["question"])
-        hint = _str(row.get("hint"))
-        query = f"Hint: {hint}\nQuestion: {question}" if hint else None
-        l2 = _str(row.get("l2-category") or row.get("l2_category"))
+        question, hint = str(row["question"]), _str(row.get("hint"))
+        l2 = _l2_category(row)
         meta = {k: _str(row.get(k)) for k in ("category", "split", "source") if _str(row.get(k))}
-        meta["l2_category"] = l2
-        meta["task"] = l2 or meta.get("category")
-        return rid, _mc_record(rid, [image], question, choices, _str(row.get("answer")), meta, query), None
+        meta.update(l2_category=l2, task=l2 or meta.get("category"), circular_group=str(index % CIRCULAR_OFFSET),
+                    circular_copy=index // CIRCULAR_OFFSET)
+        return str(index), _mc_record(index, [image], question, choices, _str(row.get("answer")), meta,
+                                      mcq_query(question, choices, hint)), None
     return make
 
 
-def _ai2d(cache: ImageCache) -> Callable[[int, dict], Candidate]:
+def _ai2d(cache: ImageCache, images_by_index) -> Callable[[int, dict], Candidate]:
     def make(i: int, row: dict) -> Candidate:
-        rid = f"ai2d-{i}"
-        image, err = _image_ref(row.get("image"), cache)
+        if "options" in row:  # lmms-lab parquet: no id column, so the row number names the question
+            rid = f"ai2d-{i}"
+            image, err = _image_ref(row.get("image"), cache)
+            choices, answer = [str(c) for c in row["options"]], _str(row.get("answer"))
+            if answer is not None and re.fullmatch(r"\d+", answer):
+                if not 0 <= int(answer) < len(choices):
+                    return rid, None, ("bad_answer", f"answer index {answer} outside the {len(choices)} options")
+                answer = choices[int(answer)]
+        else:  # VLMEvalKit TSV: A-D columns and a letter answer
+            rid = f"ai2d-{row['index']}"
+            image, err = _embedded_image(row.get("image"), cache, images_by_index)
+            choices, answer = _letter_columns(row) or [], _str(row.get("answer"))
+            if not choices:
+                return rid, None, ("malformed", "neither an options list nor A-D columns")
         if err:
             return rid, None, err
-        choices = [str(c) for c in row["options"]]
-        answer = _str(row.get("answer"))
-        if answer is not None and re.fullmatch(r"\d+", answer):
-            k = int(answer)
-            if not 0 <= k < len(choices):
-                return rid, None, ("bad_answer", f"answer index {k} outside the {len(choices)} options")
-            answer = choices[k]
-        return rid, _mc_record(rid, [image], str(row["question"]), choices, answer, {"task": "ai2d"}), None
+        question = str(row["question"])
+        meta = {"task": "ai2d", **({"category": _str(row["category"])} if _str(row.get("category")) else {})}
+        return rid, _mc_record(rid, [image], question, choices, answer, meta, mcq_query(question, choices),
+                               letter_first="options" not in row), None
     return make
 
 
@@ -420,15 +506,34 @@ def detect_format(path: str | Path) -> str:
         return "mathvista"
     if {"rationale", "domain", "topic"} <= keys:
         return "m3cot"
-    if "options" in keys and "question" in keys:
+    if "options" in keys and "question" in keys or "abcLabel" in keys:
         return "ai2d"
     if "hint" in keys and "A" in keys:
         return "mmbench"
-    if "l2_category" in keys or "l2-category" in keys:
+    if "meta_info" in keys or "l2_category" in keys:
         return "mmstar"
     if {"id", "images", "question_type", "answer_type"} <= keys:
         return "records"
     raise DataError(f"{path}: cannot detect the dataset format (pass --format, one of {', '.join(FORMATS)})")
+
+
+def _images_by_index(rows: list[tuple[int, Any]]) -> dict[str, str]:
+    """index -> base64 image of the rows that hold one (VLMEvalKit TSVs refer to them from other rows)."""
+    return {str(r.get("index")): r["image"] for _, r in rows
+            if isinstance(r, dict) and isinstance(r.get("image"), str) and len(r["image"]) > 64}
+
+
+def _note_structure(records: list[Record], report: LoadReport, fmt: str) -> None:
+    """Say once what the file turned out to hold: its splits and, for MMBench, its rotated copies."""
+    splits = sorted({str(r.metadata["split"]) for r in records if r.metadata.get("split") is not None})
+    if splits:
+        report.note(f"split found: {', '.join(splits)}")
+    if fmt == "mmbench" and records:
+        groups = {r.metadata["circular_group"] for r in records}
+        if len(groups) < len(records):
+            report.note(f"circular copies: {len(records)} rows of {len(groups)} questions (grouped by index % 1e6)")
+        else:
+            report.note("no rotated copies: each row is one question")
 
 
 def read_dataset(path: str | Path, format: str = "auto", *, root: str | Path | None = None, labeled: bool = True,
@@ -446,27 +551,25 @@ def read_dataset(path: str | Path, format: str = "auto", *, root: str | Path | N
     if fmt not in FORMATS:
         raise DataError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
     root = Path(root) if root is not None else path.parent
+    report = LoadReport(file=str(path))
+    report.note(f"format {fmt}, root {root}")
     cache = ImageCache(root, fmt)
     rows = iter_rows(path)
     if fmt == "mathv360k":
-        cands = _guard(rows, _mathv360k, "id")
+        cands = _guard(rows, _mathv360k(root, report), "id")
     elif fmt == "mathvista":
-        cands = _guard(rows, _mathvista(cache), "pid")
+        queries = _load_queries(path) if path.suffix.lower() == ".json" else None
+        cands = _guard(rows, _mathvista(cache, queries, report), "pid")
     elif fmt == "m3cot":
-        cands = _guard(rows, _m3cot(cache, root), "id")
-    elif fmt == "mmstar":
-        cands = _guard(rows, _mmstar(cache), "index")
-    elif fmt == "mmbench":
-        rows = list(rows)  # two passes: rows may refer to another row's image by index
-        by_index = {str(r.get("index")): r.get("image") for _, r in rows
-                    if isinstance(r, dict) and isinstance(r.get("image"), str) and len(r.get("image")) > 64}
-        cands = _guard(rows, _mmbench(cache, by_index), "index")
-    elif fmt == "ai2d":
-        cands = _guard(rows, _ai2d(cache))
+        cands = _guard(rows, _m3cot(cache, root, report), "id")
+    elif fmt in ("mmstar", "mmbench", "ai2d"):
+        rows = list(rows)  # two passes: TSV rows may refer to another row's image by index
+        make = {"mmstar": _mmstar, "mmbench": _mmbench, "ai2d": _ai2d}[fmt](cache, _images_by_index(rows))
+        cands = _guard(rows, make, "index")
     else:
         cands = _guard(rows, _records, "id")
-    report = LoadReport(file=str(path))
     records = collect(cands, report, root=root, labeled=labeled, image_check=image_check)
+    _note_structure(records, report, fmt)
     report.log(log)
     if strict:
         report.raise_if_problems()

@@ -5,6 +5,8 @@ Conventions:
   * For multiple-choice records `answer` is the text of the correct choice (MathVista's convention); readers
     of letter-answer datasets (MMBench, MMStar, M3CoT, AI2D) convert the letter / index to that text.
   * `answer is None` means unlabeled (the M-STaR unlabeled prompts, benchmark test splits).
+  * `query` is the exact question text a benchmark asks with (hint, question, and its choices when the benchmark
+    lists them in its prompt); `metadata["circular_group"]` ties MMBench's rotated copies of one question.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class LoadReport:
     file: str
     loaded: int = 0
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    # What the reader assumed about an ambiguous file (root used, split found, ...), each said once.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -142,15 +146,23 @@ class LoadReport:
         self.problems.append(p)
         return p
 
+    def note(self, text: str) -> None:
+        """Record an assumption the reader made (kept once, in order)."""
+        if text not in self.notes:
+            self.notes.append(text)
+
     def merge(self, other: "LoadReport") -> None:
         """Fold another report (e.g. of another shard) into this one."""
         self.loaded += other.loaded
         self.problems.extend(other.problems)
+        for text in other.notes:
+            self.note(text)
 
     def summary(self) -> str:
-        """One line: loaded count and per-kind counts of what was left out."""
+        """One line: loaded count, per-kind counts of what was left out, and what the reader assumed."""
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
-        return f"{self.file}: loaded {self.loaded} records, left out {self.skipped} ({kinds})"
+        line = f"{self.file}: loaded {self.loaded} records, left out {self.skipped} ({kinds})"
+        return line + "".join(f"; {n}" for n in self.notes)
 
     def log(self, logger: logging.Logger = log, max_lines: int = 20) -> None:
         """Log the summary and the first `max_lines` problems."""
@@ -168,7 +180,7 @@ class LoadReport:
 
     def to_json(self) -> dict:
         """JSON-ready dict."""
-        return {"file": self.file, "loaded": self.loaded, "counts": self.counts,
+        return {"file": self.file, "loaded": self.loaded, "counts": self.counts, "notes": list(self.notes),
                 "problems": [dataclasses.asdict(p) for p in self.problems]}
 
 
@@ -303,11 +315,9 @@ def infer_answer_type(answer: str) -> tuple[str, int | None]:
 
 def write_jsonl(records: Sequence[Record], path: str | Path) -> None:
     """Write records as JSONL (our own interchange format; `readers.read_records` reads it back)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
+    from mstar_jax.io import write_lines_atomic
+
+    write_lines_atomic(path, [json.dumps(r.to_json(), sort_keys=True) for r in records], publish=False)
 
 
 # ArrayRecord entries of `mstar data prepare`: magic, header length, JSON header (record + image sizes), then the

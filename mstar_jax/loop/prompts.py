@@ -12,11 +12,17 @@ HINT_TEMPLATE = "The correct answer is {answer}. Explain step by step how to get
 
 
 def question_text(item: dict) -> str:
-    """The question with its choices, as benchmarks show them (A. x / B. y ...)."""
+    """The item's query (else question), with "Choices:\\n(A) x ..." appended unless it already lists them all."""
+    import re
+
     q = item.get("query") or item.get("question") or ""
     choices = item.get("choices") or []
-    if choices and "(A)" not in q and "A." not in q and "Choices:" not in q:
-        letters = "ABCDEFGHIJ"
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    # A choice counts as listed only as "(A) x" / "A. x" / "A: x" with its own text, so "11.50 A.M." or a hint
+    # mentioning "Vitamin A." does not hide the choices.
+    listed = all(re.search(rf"(?<![A-Za-z])\(?{letters[i]}\s*[).:]\s*{re.escape(str(c).strip())}", q)
+                 for i, c in enumerate(choices))
+    if choices and not listed:
         q = q + "\nChoices:\n" + "\n".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))
     return q
 

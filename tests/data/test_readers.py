@@ -151,22 +151,17 @@ def test_m3cot_jsonl_and_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist([_m3cot_row(2, image={"bytes": png_bytes(2), "path": None},
                                                    context="A classroom.")]), pq_path)
     records, report = read_dataset(pq_path, "m3cot")
-    assert report.skipped == 0 and records[0].query.startswith("Context: A classroom.")
+    assert report.skipped == 0 and records[0].query.startswith("[Context]\nA classroom.\n[Question]")
 
 
-def test_mmstar_parquet_options_in_question(tmp_path):
-    q = "Which shape is red?\nOptions: A: circle, B: square, C: triangle, D: star"
-    rows = [{"index": 0, "question": q, "image": {"bytes": png_bytes(0), "path": None}, "answer": "C",
-             "category": "logical reasoning", "l2_category": "diagram reasoning", "meta_info": None},
-            {"index": 1, "question": "No options here", "image": {"bytes": png_bytes(1), "path": None},
+def test_mmstar_row_without_options_is_malformed(tmp_path):
+    rows = [{"index": 1, "question": "No options here", "image": {"bytes": png_bytes(1), "path": None},
              "answer": "A", "category": "math", "l2_category": "numeric", "meta_info": None}]
     path = tmp_path / "mmstar.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     records, report = read_dataset(path)
-    assert len(records) == 1 and report.counts == {"malformed": 1} and report.problems[0].record_id == "1"
-    r = records[0]
-    assert r.choices == ("circle", "square", "triangle", "star") and r.answer == "triangle"
-    assert r.question == "Which shape is red?" and r.metadata["category"] == "logical reasoning"
+    assert records == [] and report.counts == {"malformed": 1} and report.problems[0].record_id == "1"
+    assert "Options:" in report.problems[0].message
 
 
 def test_mmbench_tsv_base64_and_image_reference(tmp_path):
@@ -188,21 +183,26 @@ def test_mmbench_tsv_base64_and_image_reference(tmp_path):
         w.writerows(rows)
     records, report = read_dataset(path)
     assert [r.id for r in records] == ["10", "11"] and report.counts == {"image_corrupt": 1}
-    assert records[0].query == "Hint: Look at the pattern.\nQuestion: What comes next?" and records[0].answer == "3"
+    assert records[0].query == ("Hint: Look at the pattern.\nQuestion: What comes next?\nOptions:\nA. 1\nB. 2\nC. 3\n"
+                                "D. 4") and records[0].answer == "3"
     assert records[1].choices == ("cat", "elephant") and records[1].images == records[0].images
     assert records[0].metadata["l2_category"] == "logic_reasoning"
 
 
-def test_ai2d_parquet(tmp_path):
-    rows = [{"question": "Which stage comes after the egg?", "options": ["larva", "adult", "pupa", "egg"],
-             "answer": "0", "image": {"bytes": png_bytes(5), "path": None}},
-            {"question": "Out of range", "options": ["a", "b"], "answer": "5", "image": {"bytes": png_bytes(6),
-                                                                                         "path": None}}]
+def test_ai2d_answer_index_outside_the_options(tmp_path):
+    rows = [{"question": "Out of range", "options": ["a", "b"], "answer": "5",
+             "image": {"bytes": png_bytes(6), "path": None}}]
     path = tmp_path / "ai2d-test-00000-of-00002.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     records, report = read_dataset(path)
-    assert len(records) == 1 and records[0].answer == "larva" and records[0].id == "ai2d-0"
-    assert report.counts == {"bad_answer": 1} and report.problems[0].record_id == "ai2d-1"
+    assert records == [] and report.counts == {"bad_answer": 1} and report.problems[0].record_id == "ai2d-0"
+
+
+def test_image_reference_to_a_row_without_image(tmp_path):
+    path = tmp_path / "MMBench_DEV_EN_V11.tsv"
+    path.write_text("index\tquestion\thint\tA\tB\tanswer\timage\n5\tQ?\t\tx\ty\tA\t77\n")
+    records, report = read_dataset(path)
+    assert records == [] and report.counts == {"image_missing": 1} and "'77'" in report.problems[0].message
 
 
 def test_parse_choices_variants():
@@ -220,3 +220,12 @@ def test_unknown_file_type_and_format(tmp_path):
     ok.write_text("[]")
     with pytest.raises(DataError, match="unknown dataset format"):
         read_dataset(ok, "imagenet")
+
+
+def test_mathvista_query_json_that_is_not_json_names_the_file(tmp_path):
+    from tests.data.benchmark_fixtures import write_mathvista_json
+
+    path = write_mathvista_json(tmp_path)
+    (tmp_path / "query.json").write_text('{"2": "Hint: ...",')
+    with pytest.raises(DataError, match=r"query.json: not valid JSON"):
+        read_dataset(path, "mathvista")
