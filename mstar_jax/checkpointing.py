@@ -34,6 +34,8 @@ replace or push out the last good checkpoint):
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import signal
@@ -47,7 +49,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from mstar_jax.errors import CheckpointError, TrainingError
+from mstar_jax.errors import CheckpointError, StorageError, TrainingError
 from mstar_jax.weights import orbax_path
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,37 @@ def all_finite(tree: Any) -> bool:
     return bool(_finite(leaves)) if leaves else True
 
 
+def _is_no_space(err: BaseException) -> bool:
+    """True if `err` or an exception it came from is a full disk (tensorstore reports it as os_error_code 28)."""
+    while err is not None:
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """The head of an error message (tensorstore appends whole specs of the array it failed on)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@contextlib.contextmanager
+def _quiet_unraisable():
+    """Drop the 'Exception ignored in coroutine' reports of Orbax's abandoned reads after a failed restore (each
+    prints a tensorstore spec of a page); the failure itself is raised as one CheckpointError."""
+    import gc
+    import sys
+
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = old
+
+
 # ------------------------------------------------------------------------------ retention
 
 
@@ -136,6 +169,7 @@ class CheckpointManager:
         self._signal_flag = threading.Event()
         self._synced_preemption = False
         self._old_handlers: dict[int, Any] = {}
+        self._saving: int | None = None
 
     # -------------------------------------------------------------- directory checks
 
@@ -229,9 +263,11 @@ class CheckpointManager:
 
         arrays = jax.tree_util.tree_map_with_path(to_data, state)
         fmt = {"format": FORMAT, "version": VERSION, "prng_keys": keys}
-        self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays), loop=ocp.args.JsonSave(loop), format=ocp.args.JsonSave(fmt)),
-            force=True)
+        self._saving = step
+        with self._space_errors():
+            self._mgr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays), loop=ocp.args.JsonSave(loop), format=ocp.args.JsonSave(fmt)),
+                force=True)
 
     def mark_keep(self, step: int) -> None:
         """Never garbage-collect `step` (mark it right after saving it); remembered across restarts."""
@@ -242,8 +278,22 @@ class CheckpointManager:
         self._write_kept()
 
     def wait(self) -> None:
-        """Block until the pending async save is complete on disk."""
-        self._mgr.wait_until_finished()
+        """Block until the pending async save is complete on disk (StorageError if the disk filled up)."""
+        with self._space_errors():
+            self._mgr.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _space_errors(self):
+        """Turn a full disk under an (async) save into a StorageError naming the step and what is left intact."""
+        try:
+            yield
+        except Exception as err:
+            if not _is_no_space(err):
+                raise
+            done = [s for s in self.all_steps() if s != self._saving]
+            kept = f"the checkpoint of step {done[-1]} is intact" if done else "no earlier checkpoint exists"
+            raise StorageError(f"{self.directory}: cannot write the checkpoint of step {self._saving}: no space left "
+                               f"on device; {kept}, and a rerun resumes from it once space is freed") from err
 
     def close(self) -> None:
         """Finish pending saves, release Orbax resources and restore the previous signal handlers."""
@@ -286,20 +336,26 @@ class CheckpointManager:
         step_dir = self.directory / str(step)
         if not all((step_dir / item).exists() for item in _ITEMS):
             raise CheckpointError(f"{step_dir}: not an mstar-jax train-state checkpoint (needs {', '.join(_ITEMS)})")
+        # A damaged step (a file lost or cut short) raises here: tensorstore never fills missing data in.
+        moved = f"; move {step_dir} away to resume from an earlier checkpoint"
         try:
             fmt = self._mgr.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore()))["format"]
         except Exception as err:
-            raise CheckpointError(f"{step_dir}: unreadable checkpoint description ({err})") from err
+            raise CheckpointError(f"{step_dir}: unreadable checkpoint description ({_first_line(err)}){moved}") from err
         if fmt.get("format") != FORMAT:
             raise CheckpointError(f"{step_dir}: format {fmt.get('format')!r} is not {FORMAT!r}")
         keys = fmt.get("prng_keys", {})
-        target = None if abstract_state is None else self._target(step, abstract_state, keys)
         try:
-            out = self._mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
+            with _quiet_unraisable():
+                target = None if abstract_state is None else self._target(step, abstract_state, keys)
+                out = self._mgr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
+        except CheckpointError:
+            raise
         except Exception as err:
             hint = "" if abstract_state is not None else "; pass abstract_state to place it on the current devices"
-            raise CheckpointError(f"{step_dir}: cannot restore the train state ({err}){hint}") from err
+            raise CheckpointError(f"{step_dir}: cannot restore the train state ({_first_line(err)}){hint}{moved}"
+                                  ) from err
 
         def to_key(path, x):
             impl = keys.get(_path_name(path))

@@ -23,3 +23,7 @@ class TrainingError(MstarError):
 
 class WorkdirError(MstarError):
     """A remote workdir (gs://...) cannot be read or written."""
+
+
+class StorageError(MstarError):
+    """A file or checkpoint could not be written (e.g. the disk is full); the message names the path."""

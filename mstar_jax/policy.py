@@ -13,6 +13,7 @@ import numpy as np
 from mstar_jax import sharding as shd
 from mstar_jax.conversion import LoadedModel, load_any, merge
 from mstar_jax.errors import MstarError
+from mstar_jax.io import to_host
 from mstar_jax.models.llava.model import positions_from_mask
 
 
@@ -83,11 +84,7 @@ class Policy:
         with shd.use_mesh(self.mesh):
             out = self._forward(self.params, self._put(ids), self._put(mask), self._put(positions.astype(np.int32)),
                                 pixels)
-        if jax.process_count() > 1 and not out.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float32)
-        return np.asarray(jax.device_get(out), np.float32)
+        return to_host(out).astype(np.float32, copy=False)
 
 
     def generate(self, images, prompts, **kw):

@@ -9,20 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from mstar_jax.io import write_atomic  # noqa: F401  (its home is mstar_jax.io; imported here by older callers)
 from mstar_jax.workdir import publish
 
 DYNAMICS_METRICS = ("greedy", "pass@k", "pass@k-greedy", "reward_pass@2")
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary name and rename, so readers never see half a file (then upload it
-    when it lies in a remote workdir)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    publish(path)
 
 
 class MetricsLog:
@@ -71,47 +61,59 @@ class MetricsLog:
             publish(self._tb_dir)
 
 
-def plot_dynamics(records: list[dict], out_dir: str | Path, scorer: str = "mean_logprob") -> list[Path]:
-    """One PNG per dynamics metric: a line per temperature over iterations (paper figures 3-5)."""
+PLOT_DPI = 110
+
+
+def dynamics_figure(records: list[dict], metric: str, scorer: str = "mean_logprob"):
+    """The figure of one dynamics metric: a line per temperature over iterations (paper figures 3-5), or None
+    when no dynamics record has the metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    series: dict[float, list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        if r.get("stage") == "dynamics" and metric in r:
+            series[float(r["temperature"])].append((int(r["iteration"]), 100 * float(r[metric])))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=PLOT_DPI)
+    cmap = plt.get_cmap("viridis")
+    temps = sorted(series)
+    for i, t in enumerate(temps):
+        pts = sorted(series[t])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                color=cmap(i / max(1, len(temps) - 1)), label=f"T={t:g}")
+    chosen = sorted((int(r["iteration"]), float(r["temperature"])) for r in records
+                    if r.get("stage") == "temperature")
+    ax.set_title(metric if metric != "reward_pass@2" else f"Reward-Pass@2 (ranked by {scorer})")
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("% of validation queries")
+    if chosen and metric == "reward_pass@2":
+        ax.text(0.01, 0.01, "chosen T: " + ", ".join(f"{it}:{t:g}" for it, t in chosen), fontsize=7,
+                transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dynamics(records: list[dict], out_dir: str | Path, scorer: str = "mean_logprob") -> list[Path]:
+    """One PNG per dynamics metric that has records (see `dynamics_figure`)."""
+    import matplotlib.pyplot as plt
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in records if r.get("stage") == "dynamics"]
     paths = []
     for metric in DYNAMICS_METRICS:
-        series: dict[float, list[tuple[int, float]]] = defaultdict(list)
-        for r in rows:
-            if metric in r:
-                series[float(r["temperature"])].append((int(r["iteration"]), 100 * float(r[metric])))
-        if not series:
+        fig = dynamics_figure(records, metric, scorer)
+        if fig is None:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        cmap = plt.get_cmap("viridis")
-        temps = sorted(series)
-        for i, t in enumerate(temps):
-            pts = sorted(series[t])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                    color=cmap(i / max(1, len(temps) - 1)), label=f"T={t:g}")
-        chosen = sorted((int(r["iteration"]), float(r["temperature"])) for r in records
-                        if r.get("stage") == "temperature")
-        title = metric if metric != "reward_pass@2" else f"Reward-Pass@2 (ranked by {scorer})"
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_ylabel("% of validation queries")
-        if chosen and metric == "reward_pass@2":
-            ax.text(0.01, 0.01, "chosen T: " + ", ".join(f"{it}:{t:g}" for it, t in chosen), fontsize=7,
-                    transform=ax.transAxes)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
         path = out_dir / f"{metric.replace('@', '_at_').replace('-', '_minus_')}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=PLOT_DPI)
         plt.close(fig)
         publish(path)
         paths.append(path)

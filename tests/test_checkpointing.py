@@ -381,3 +381,34 @@ def test_clear_errors(tmp_path):
         bad["extra"] = jax.ShapeDtypeStruct((1,), jnp.float32)
         with pytest.raises(CheckpointError, match="leaf extra of the abstract state is not in the checkpoint"):
             ckpt.restore(abstract_state=bad)
+
+
+def test_a_full_disk_under_an_async_save_is_one_error_and_the_last_step_restores(tmp_path):
+    """How tensorstore reports a full disk (a ValueError naming os_error_code 28) becomes a StorageError naming the
+    step and the checkpoint that is intact. The real thing, on a tiny tmpfs, is in tests/loop/test_fault_campaign.py."""
+    from mstar_jax.errors import StorageError
+
+    state = _train_state()
+    with CheckpointManager(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, META)
+        ckpt.wait()
+
+        def full():
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed to write 1024 '
+                             "bytes to file 4: No space left on device [os_error_code='28']")
+
+        ckpt.save(2, state, META)
+        real = ckpt._mgr.wait_until_finished
+        ckpt._mgr.wait_until_finished = full
+        with pytest.raises(StorageError, match=r"ckpt: cannot write the checkpoint of step 2: no space left on device; "
+                                               r"the checkpoint of step 1 is intact"):
+            ckpt.wait()
+        ckpt._mgr.wait_until_finished = real
+        ckpt.wait()
+        ckpt._mgr.wait_until_finished = lambda: (_ for _ in ()).throw(ValueError("another failure"))
+        with pytest.raises(ValueError, match="another failure"):  # other errors pass through as they are
+            ckpt.wait()
+        ckpt._mgr.wait_until_finished = real
+    with CheckpointManager(tmp_path / "ckpt") as ckpt:
+        restored, meta = ckpt.restore(1, abstract_state=abstract_like(state))
+    _bitwise_equal(restored, state)

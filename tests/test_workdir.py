@@ -13,7 +13,8 @@ from fsspec.utils import stringify_path
 from mstar_jax import workdir as W
 from mstar_jax.errors import MstarError, WorkdirError
 from mstar_jax.loop.rollouts import Rollout, write_rollouts
-from mstar_jax.reporting import MetricsLog, write_atomic
+from mstar_jax.io import write_atomic
+from mstar_jax.reporting import MetricsLog
 
 
 class FakeGCS(LocalFileSystem):

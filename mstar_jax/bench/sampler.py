@@ -53,12 +53,10 @@ def add_common_args(p, engine: str) -> None:
 def add_sampler_args(p) -> None:
     """Flags of `mstar bench sampler`."""
     add_common_args(p, "sampler")
+    from mstar_jax.commands.sample import add_sampling_args
+
     p.add_argument("--prompts", type=int, default=1, help="distinct prompts (one image each)")
-    p.add_argument("--n", type=int, default=16, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7, help="for the `sample` mode")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    add_sampling_args(p, max_new_tokens=128)  # --temperature is the `sample` mode's
     p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
     p.add_argument("--repeats", type=int, default=3,
                    help="steady-state runs per engine, the two engines' runs alternating (medians are reported)")

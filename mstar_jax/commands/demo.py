@@ -35,6 +35,7 @@ def run_demo(args) -> int:
     from mstar_jax.conversion import flax_to_hf, hf_to_flax
     from mstar_jax.errors import MstarError
     from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
+    from mstar_jax.sft_batch import prompt_text
 
     t0 = time.time()
     work = Path(args.workdir)
@@ -57,9 +58,7 @@ def run_demo(args) -> int:
         ImageDraw.Draw(img).ellipse([8, 8, 40 + 8 * i, 40], fill=colour)
         images.append(img)
     prompts = ["How many circles are there?", "What colour is the circle in the picture? Answer briefly."]
-    texts = [policy.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True)
-        for p in prompts]
+    texts = [prompt_text(policy.processor, p) for p in prompts]
     batch = dict(policy.processor(images=images, text=texts, return_tensors="np", padding=True))
     ours = policy.logits(batch)
     mask = batch["attention_mask"]

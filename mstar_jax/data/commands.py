@@ -86,6 +86,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from mstar_jax.data.readers import read_dataset
     from mstar_jax.data.records import encode_entry
     from mstar_jax.errors import DataError
+    from mstar_jax.io import write_atomic
 
     if args.shards < 1:
         raise DataError(f"--shards must be >= 1, got {args.shards}")
@@ -108,6 +109,6 @@ def _prepare(args: argparse.Namespace) -> int:
         names.append(name)
     manifest = {"source": str(src), "format": args.format, "shards": names, "records": len(records),
                 "report": report.to_json()}
-    (out / f"{src.stem}.manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_atomic(out / f"{src.stem}.manifest.json", json.dumps(manifest, indent=1), publish=False)
     print(f"prepare: wrote {len(records)} records to {args.shards} shard(s) in {out}")
     return 0

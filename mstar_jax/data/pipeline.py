@@ -21,6 +21,8 @@ import numpy as np
 
 from mstar_jax.data.records import Record
 from mstar_jax.errors import DataError
+from mstar_jax.io import load_images
+from mstar_jax.sft_batch import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -44,36 +46,6 @@ class PipelineConfig:
     worker_count: int = 0  # > 0: grain multiprocessing prefetch with this many workers
 
 
-def load_image(root: str | Path, rel: str, record_id: str = "?"):
-    """Decode one image as RGB; a missing or corrupt file raises DataError naming the record."""
-    from PIL import Image
-
-    path = Path(root) / rel
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as err:  # PIL raises many types for unreadable files
-        raise DataError(f"{path}: record {record_id}: cannot decode image: {type(err).__name__}: {err}") from err
-
-
-def _decode_bytes(data: bytes, record_id: str):
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except Exception as err:
-        raise DataError(f"record {record_id}: cannot decode embedded image: {type(err).__name__}: {err}") from err
-
-
-def chat_prompt(processor, text: str) -> str:
-    """The processor's chat template applied to one user turn: the image, then the text."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 class ProcessorTransform:
     """grain map: a record dict -> decoded image + processor output (input_ids, attention_mask, pixel_values)."""
 
@@ -87,11 +59,11 @@ class ProcessorTransform:
         """Process one element ({"index": i, "record": Record.to_json()})."""
         rec = element["record"]
         if element.get("image_bytes") is not None:  # from `mstar data prepare` shards: images embedded
-            images = [_decode_bytes(b, rec["id"]) for b in element["image_bytes"]]
+            images = load_images(element["image_bytes"], record=rec["id"])
         else:
-            images = [load_image(self.root, rel, rec["id"]) for rel in rec["images"]]
+            images = load_images([Path(self.root) / rel for rel in rec["images"]], self.root, rec["id"])
         item = Record.from_json(rec).to_item()
-        text = chat_prompt(self.processor, self.prompt_builder(item))
+        text = prompt_text(self.processor, self.prompt_builder(item), len(images))
         out = self.processor(images=images, text=[text], return_tensors="np")
         ids = np.asarray(out["input_ids"][0], dtype=np.int32)
         if self.max_length is not None and len(ids) > self.max_length:

@@ -76,8 +76,8 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     policy = Policy(loaded, load_processor(init_dir))
     p = cfg.model.pretrain
     train_cfg = _PretrainCfg(lr=p.lr, global_batch=p.batch_size, micro_batch=p.batch_size)
-    examples = pretrain_examples(pretrain_queries, p.cot_fraction, seed, p.get("hint_fraction", 0.0),
-                                 p.get("cot_direct_fraction", 0.0))
+    examples = pretrain_examples(pretrain_queries, p.cot_fraction, seed, p.hint_fraction,
+                                 p.cot_direct_fraction)
     epochs = p.steps * p.batch_size / max(1, len(examples))
     trainer = Trainer(policy, train_cfg, total_steps=p.steps, max_length=cfg.data.max_prompt_tokens)
     state = trainer.fresh_state(policy.params)

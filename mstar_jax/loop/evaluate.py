@@ -10,15 +10,20 @@ from typing import Sequence
 from mstar_jax.evaluation import task_of
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.rollouts import Query, check_samples, sample_queries
-from mstar_jax.reporting import write_atomic
+from mstar_jax.io import write_atomic
+
+
+def greedy_responses(sampler, params, queries: Sequence[Query], cfg, desc: str) -> tuple[list, list[bool]]:
+    """The greedy CoT sample of every query and whether it is correct (test evaluations and the dynamics)."""
+    s = cfg.sampling
+    samples = sample_queries(sampler, params, queries, P.cot_prompt, n=1, temperature=0.0, seed=0,
+                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, desc=desc)
+    return samples, [c[0] for c in check_samples(queries, samples)]
 
 
 def greedy_eval(sampler, params, queries: Sequence[Query], cfg, desc: str) -> dict:
     """Greedy CoT accuracy (percent) overall and per task, plus the responses."""
-    s = cfg.sampling
-    samples = sample_queries(sampler, params, queries, P.cot_prompt, n=1, temperature=0.0, seed=0,
-                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, desc=desc)
-    correct = [c[0] for c in check_samples(queries, samples)]
+    samples, correct = greedy_responses(sampler, params, queries, cfg, desc)
     per_task = defaultdict(list)
     for q, c in zip(queries, correct):
         per_task[task_of(q.item)].append(c)

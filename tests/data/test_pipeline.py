@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import json
 
 import numpy as np
 import pytest
@@ -41,7 +41,7 @@ def prompt(item):
 def test_batches_match_the_processor(dataset, tiny_processor):
     from PIL import Image
 
-    from mstar_jax.data.pipeline import chat_prompt
+    from mstar_jax.sft_batch import prompt_text
 
     root, records = dataset
     batch = next(iter(build_pipeline(records, tiny_processor, prompt, root, cfg(shuffle=False))))
@@ -49,7 +49,7 @@ def test_batches_match_the_processor(dataset, tiny_processor):
     assert batch["index"].tolist() == [0, 1, 2, 3] and batch["id"].tolist() == ["r0", "r1", "r2", "r3"]
     for row, rec in enumerate(records[:4]):
         with Image.open(root / rec.images[0]) as im:
-            ref = tiny_processor(images=[im.convert("RGB")], text=[chat_prompt(tiny_processor, rec.question)],
+            ref = tiny_processor(images=[im.convert("RGB")], text=[prompt_text(tiny_processor, rec.question)],
                                  return_tensors="np")
         n = int(batch["lengths"][row])
         np.testing.assert_array_equal(batch["input_ids"][row, :n], ref["input_ids"][0])  # right padding
@@ -79,7 +79,7 @@ def test_too_long_prompt_names_the_record(dataset, tiny_processor):
 def test_corrupt_image_names_the_record(dataset, tiny_processor):
     root, records = dataset
     (root / "images" / "0.png").write_bytes(b"broken")
-    with pytest.raises(DataError, match="record r0: cannot decode image"):
+    with pytest.raises(DataError, match="record r0: cannot read the image"):
         next(iter(build_pipeline(records, tiny_processor, prompt, root, cfg(shuffle=False))))
 
 
@@ -125,16 +125,19 @@ def test_uneven_shards_are_cut_and_logged(dataset, tiny_processor, caplog):
     assert sizes == [2] * 5 and "dropping the last 2 of 12 records" in caplog.text
 
 
-def test_prepared_shards_feed_the_pipeline(dataset, tiny_processor, tmp_path):
-    from mstar_jax.data import commands
+def test_prepared_shards_feed_the_pipeline(dataset, tiny_processor, tmp_path, capsys):
+    """`mstar data prepare` (through the CLI) writes shards that give the same batches as the source files."""
+    from mstar_jax.cli import main
     from mstar_jax.data.records import write_jsonl
 
     root, records = dataset
     write_jsonl(records, root / "records.jsonl")
     out = tmp_path / "shards"
-    args = argparse.Namespace(src=str(root / "records.jsonl"), out=str(out), format="records", root=str(root),
-                              shards=3, unlabeled=False, strict=True)
-    assert commands._prepare(args) == 0
+    assert main(["data", "prepare", str(root / "records.jsonl"), str(out), "--format", "records", "--root",
+                 str(root), "--shards", "3", "--strict"]) == 0
+    assert "wrote 12 records to 3 shard(s)" in capsys.readouterr().out
+    manifest = json.loads((out / "records.manifest.json").read_text())
+    assert manifest["records"] == 12 and len(manifest["shards"]) == 3
     paths = sorted(out.glob("*.array_record"))
     assert len(paths) == 3
     source = shard_dataset(paths)

@@ -90,9 +90,10 @@ class LlavaConfig:
 
     @property
     def image_seq_length(self) -> int:
-        """Image tokens per image after the select strategy."""
-        extra = 1 if (self.vision.has_class_token and self.vision_feature_select_strategy == "full") else 0
-        return self.vision.num_patches + extra
+        """Image tokens per image after the select strategy ("default" drops the first position, as HF does: CLIP's
+        class token, or SigLIP's first patch)."""
+        dropped = 1 if self.vision_feature_select_strategy == "default" else 0
+        return self.vision.num_patches + int(self.vision.has_class_token) - dropped
 
     def to_json(self) -> str:
         """Serialise to JSON (inverse of `from_json`)."""
@@ -262,6 +263,16 @@ _SIGLIP_SO400M = VisionConfig(family="siglip", hidden_size=1152, intermediate_si
                               num_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6,
                               hidden_act="gelu_pytorch_tanh")
 
+def _interleave_qwen(vocab, hidden, inner, layers, heads, kv_heads, head_dim, tie) -> LlavaConfig:
+    """A llava-interleave-qwen checkpoint: SigLIP-so400m, all patches of the last layer, a Qwen2 decoder."""
+    text = TextConfig(family="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inner,
+                      num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=32768, rope=(("rope_theta", 1000000.0), ("rope_type", "default")),
+                      qkv_bias=True, windows=(None,) * layers)
+    return LlavaConfig(vision=_SIGLIP_SO400M, text=text, image_token_id=151646, vision_feature_layer=-1,
+                       vision_feature_select_strategy="full", tie_word_embeddings=tie, eos_token_ids=(151645,))
+
+
 PRESETS: dict[str, LlavaConfig] = {
     # llava-hf/llava-1.5-7b-hf
     "llava-1.5-7b": LlavaConfig(vision=_CLIP_L336, text=_LLAMA2_7B, image_token_id=32000, pad_token_id=32001,
@@ -273,23 +284,9 @@ PRESETS: dict[str, LlavaConfig] = {
                                  num_kv_heads=40, windows=(None,) * 40),
         image_token_id=32000, pad_token_id=32001, eos_token_ids=(2,)),
     # llava-hf/llava-interleave-qwen-0.5b-hf
-    "llava-interleave-qwen-0.5b": LlavaConfig(
-        vision=_SIGLIP_SO400M,
-        text=TextConfig(family="qwen2", vocab_size=152000, hidden_size=896, intermediate_size=4864, num_layers=24,
-                        num_heads=14, num_kv_heads=2, head_dim=64, max_position_embeddings=32768,
-                        rope=(("rope_theta", 1000000.0), ("rope_type", "default")), qkv_bias=True,
-                        windows=(None,) * 24),
-        image_token_id=151646, vision_feature_layer=-1, vision_feature_select_strategy="full",
-        tie_word_embeddings=True, eos_token_ids=(151645,)),
+    "llava-interleave-qwen-0.5b": _interleave_qwen(152000, 896, 4864, 24, 14, 2, 64, tie=True),
     # llava-interleave-qwen-7b-hf
-    "llava-interleave-qwen-7b": LlavaConfig(
-        vision=_SIGLIP_SO400M,
-        text=TextConfig(family="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                        num_heads=28, num_kv_heads=4, head_dim=128, max_position_embeddings=32768,
-                        rope=(("rope_theta", 1000000.0), ("rope_type", "default")), qkv_bias=True,
-                        windows=(None,) * 28),
-        image_token_id=151646, vision_feature_layer=-1, vision_feature_select_strategy="full",
-        eos_token_ids=(151645,)),
+    "llava-interleave-qwen-7b": _interleave_qwen(152128, 3584, 18944, 28, 28, 4, 128, tie=False),
     # An 8B Llama-3 decoder with a SigLIP tower (the paper's MiniCPM-V-2.5 backbone sizes, in LLaVA form).
     "llava-llama3-8b-siglip": LlavaConfig(
         vision=_SIGLIP_SO400M,
