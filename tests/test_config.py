@@ -85,3 +85,21 @@ def test_workdir_of_an_earlier_version_resumes_with_the_new_keys_at_default(tmp_
     check_workdir_config(cfg, tmp_path)  # accepted
     with pytest.raises(ConfigError, match="sampling.dtype"):
         check_workdir_config(load_config("smoke", ["--config.sampling.dtype=bfloat16"]), tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.lr=abc", "--config.train.lr=abc: cannot parse 'abc' as a float"),
+    ("--config.train.epochs=1.5", "--config.train.epochs=1.5: Could not override field 'epochs'"),
+    ("--config.train.lr=[1,2]", "--config.train.lr=[1,2]: Could not override field 'lr'"),
+    ("--config.adaptive.enabled=maybe", "--config.adaptive.enabled=maybe: expected a boolean, got 'maybe'"),
+    ("--config.data.synth_sizes=3", "--config.data.synth_sizes=3: Could not override field 'synth_sizes'"),
+])
+def test_an_override_of_the_wrong_type_is_one_line_through_the_cli(tmp_path, capsys, override, message):
+    """Refused before anything runs or is written (the dry run and a real run parse the same way)."""
+    from mstar_jax.cli import main
+
+    for extra in (["--dry-run"], []):
+        assert main(["train", "--config", "smoke", "--workdir", str(tmp_path / "run"), override, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mstar train: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

@@ -14,6 +14,8 @@ def register(subparsers) -> None:
                     "writes study.md and plots/study.png. The same command on the same workdir resumes.")
     p.add_argument("--config", default=None, help="config file or name in configs/ (default: study_demo)")
     p.add_argument("--workdir", default=None, help="output directory or gs:// URL (default: runs/<config name>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and print the plan (variants, iterations, steps) without running")
     p.set_defaults(handler=_study)
 
 
@@ -25,5 +27,15 @@ def _study(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.config_overrides, default="study_demo")
     workdir = args.workdir or str(Path("runs") / resolve_config_path(args.config, default="study_demo").stem)
+    if args.dry_run:
+        from mstar_jax.loop.plan import plan_lines
+
+        if "study" not in cfg:
+            from mstar_jax.errors import ConfigError
+
+            raise ConfigError("this config has no `study` section; use configs/study_demo.py or "
+                              "configs/study_paper.py (or add study.variants to yours)")
+        print("\n".join(plan_lines(cfg, workdir, "study")))
+        return 0
     run_study(cfg, workdir)
     return 0

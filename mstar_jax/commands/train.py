@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="config file or name in configs/ (default: demo)")
     p.add_argument("--workdir", default=None, help="output directory or gs:// URL (default: runs/<config name>); "
                                                    "a gs:// run resumes from the bucket on any machine")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and print the plan (stages, iterations, steps, schedule) without running")
     p.set_defaults(handler=_train)
 
 
@@ -41,5 +43,10 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.config_overrides)
     workdir = args.workdir or str(Path("runs") / resolve_config_path(args.config).stem)
+    if args.dry_run:
+        from mstar_jax.loop.plan import plan_lines
+
+        print("\n".join(plan_lines(cfg, workdir, "train")))
+        return 0
     run_train(cfg, workdir)
     return 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 import mstar_jax
-from tests.conftest import SPECS, hf_logits, make_batch
+from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava
+from tests.conftest import PROMPTS, SPECS, hf_logits, make_batch
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -62,3 +66,45 @@ def test_image_token_mismatch_is_a_clear_error(tiny_models):
     batch["pixel_values"] = batch["pixel_values"][:1]
     with pytest.raises(mstar_jax.errors.MstarError, match="image tokens"):
         policy.logits(batch)
+
+
+# The README's other decoder options, each on a model of its own: the logits match, and the option matters (the
+# same weights loaded without it give logits far from transformers').
+OPTIONS = {
+    "llama_yarn": TinySpec(text="llama", max_position_embeddings=64, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama_linear": TinySpec(text="llama", rope_scaling={"rope_type": "linear", "factor": 3.0}),
+    # Layer 0 full attention, layer 1 a 6-token window (prompts are ~30 tokens long).
+    "qwen2_sliding": TinySpec(vision="siglip", text="qwen2", select_strategy="full", vision_feature_layer=-1,
+                              sliding_window=6, max_window_layers=1),
+}
+
+
+def _without_option(src, dst):
+    """A copy of an HF LLaVA directory whose text config drops rope scaling and the sliding window."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    text = cfg["text_config"]
+    for key in ("rope_parameters", "rope_scaling"):
+        if isinstance(text.get(key), dict):
+            text[key] = {"rope_type": "default", "rope_theta": text[key].get("rope_theta", 10000.0)}
+    if text.get("use_sliding_window"):
+        text.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] *
+                    text["num_hidden_layers"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_rope_scaling_and_sliding_window_logits_match_hf(tmp_path, name):
+    hf_model = make_tiny_llava(tmp_path / "hf", OPTIONS[name])
+    policy = mstar_jax.load(tmp_path / "hf")
+    if name == "qwen2_sliding":
+        assert policy.config.text.windows == (None, 6)
+    batch = make_batch(policy.processor, prompts=[PROMPTS[0] * 2, PROMPTS[1]])
+    mask = batch["attention_mask"].astype(bool)
+    assert mask.sum(-1).max() > 16 and not mask.all()  # past the original context and the window; padded
+    ref = hf_logits(hf_model, batch)
+    assert np.abs(policy.logits(batch) - ref)[mask].max() < 1e-4
+    plain = mstar_jax.load(_without_option(tmp_path / "hf", tmp_path / "plain"))
+    assert np.abs(plain.logits(batch) - ref)[mask].max() > 1e-2

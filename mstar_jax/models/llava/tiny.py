@@ -56,7 +56,10 @@ class TinySpec:
     select_strategy: str = "default"
     rope_scaling: dict | None = None
     max_position_embeddings: int = 512
+    sliding_window: int | None = None  # qwen2: a sliding window on the layers from `max_window_layers` on
+    max_window_layers: int = 0
     projector_act: str = "gelu"
+    projector_bias: bool = True
     dtype: str = "float32"
     seed: int = 0
 
@@ -109,6 +112,9 @@ def build_hf_config(spec: TinySpec, tokenizer):
         text_kwargs["head_dim"] = spec.head_dim
     if spec.rope_scaling:
         text_kwargs["rope_scaling"] = dict(spec.rope_scaling)
+    if spec.sliding_window:
+        text_kwargs.update(use_sliding_window=True, sliding_window=spec.sliding_window,
+                           max_window_layers=spec.max_window_layers)
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "phi3": T.Phi3Config}[spec.text]
     if spec.text == "phi3" and spec.rope_scaling and "original_max_position_embeddings" in spec.rope_scaling:
         text_kwargs["original_max_position_embeddings"] = spec.rope_scaling["original_max_position_embeddings"]
@@ -118,7 +124,7 @@ def build_hf_config(spec: TinySpec, tokenizer):
                          vision_feature_layer=(spec.vision_feature_layer if isinstance(spec.vision_feature_layer, int)
                                                else list(spec.vision_feature_layer)),
                          vision_feature_select_strategy=spec.select_strategy,
-                         projector_hidden_act=spec.projector_act,
+                         projector_hidden_act=spec.projector_act, multimodal_projector_bias=spec.projector_bias,
                          tie_word_embeddings=spec.tie_word_embeddings,
                          image_seq_length=(spec.image_size // spec.patch_size) ** 2)
 
