@@ -1,4 +1,5 @@
-"""Helpers of the loop tests: the `mstar` command in a subprocess, and a workdir rewound to after the warm-up."""
+"""Helpers of the loop tests: the `mstar` command in a subprocess, workdirs rewound to an earlier stage, and the
+comparison of two runs' outputs."""
 
 from __future__ import annotations
 
@@ -6,15 +7,30 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# One persistent compilation cache for every `mstar` process of a test session: a resumed run then loads the
+# executables the first run compiled (the same code, so the same bits) instead of compiling them again, which
+# is most of a restart's cost on CPU.
+JAX_CACHE = os.environ.setdefault("MSTAR_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="mstar-test-jax-cache-"))
+
+
+def mstar_env(**extra_env) -> dict:
+    """The environment of an `mstar` subprocess: the source tree, CPU, the shared compilation cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MSTAR_KILL_AT", "MSTAR_KILL_LOG")}
+    env.update({"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                **extra_env})
+    return env
+
+
 def mstar(*args, timeout=600, **extra_env):
     """Run `mstar ARGS` from the source tree; extra keyword arguments are environment variables."""
-    env = {k: v for k, v in os.environ.items() if k != "MSTAR_KILL_AT"}
-    env.update({"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra_env})
+    env = mstar_env(**extra_env)
     return subprocess.run([sys.executable, "-m", "mstar_jax.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -28,3 +44,41 @@ def copy_after_warmup(reference: Path, dst: Path) -> Path:
                  *(dst / "rollouts").glob("iter_*.jsonl")]:
         path.unlink()
     return dst
+
+
+def copy_after_iteration(reference: Path, dst: Path, iteration: int) -> Path:
+    """The reference workdir as it was right after `iteration`'s checkpoint (later outputs removed)."""
+    shutil.copytree(reference, dst)
+    for step in (dst / "checkpoints").iterdir():
+        if step.name.isdigit() and int(step.name) > iteration:
+            shutil.rmtree(step)
+    for name in ("export", "plots", "tensorboard"):
+        shutil.rmtree(dst / name)
+    for path in [dst / "report.md", dst / "results" / "final.json",
+                 *(p for p in (dst / "rollouts").glob("iter_*.jsonl") if int(p.stem[5:9]) >= iteration)]:
+        path.unlink()
+    return dst
+
+
+# TensorBoard events hold wall-clock times; Orbax directories (any holding _CHECKPOINT_METADATA) their own
+# metadata and randomly named data files. The weights are compared through the HF exports instead, the
+# optimizer's path through the losses in metrics.jsonl.
+NOT_COMPARED = ("tensorboard",)
+
+
+def differing_outputs(run: Path, reference: Path) -> list[str]:
+    """Files (not hidden, not under NOT_COMPARED or an Orbax directory) that differ in bytes, or exist in only one
+    of the two runs."""
+    def files(root):
+        out = set()
+        for p in root.rglob("*"):
+            rel = p.relative_to(root)
+            if not p.is_file() or any(part.startswith(".") or part in NOT_COMPARED for part in rel.parts):
+                continue
+            if any((root / Path(*rel.parts[:i]) / "_CHECKPOINT_METADATA").exists() for i in range(1, len(rel.parts))):
+                continue
+            out.add(rel.as_posix())
+        return out
+
+    a, b = files(run), files(reference)
+    return sorted((a ^ b) | {f for f in a & b if (run / f).read_bytes() != (reference / f).read_bytes()})

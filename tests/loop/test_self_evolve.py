@@ -51,3 +51,34 @@ def test_continuous_schedule_estimate_counts_the_kept_responses():
     with cfg.unlocked():
         cfg.train.total_steps = 77
     assert continuous_schedule_steps(cfg, 512, Steps()) == 77
+
+
+@pytest.mark.slow
+def test_adaptive_temperature_drives_the_next_rollouts_and_survives_kill_9(smoke_run, tmp_path):
+    """3 iterations, a choice after each; the start T=0.7 is off the grid {0.5, 1}, so the first choice changes
+    it. The run is killed in iteration 1's rollouts (after the checkpoint that holds the choice) and resumed:
+    every rollouts file records the temperature its samples were drawn at, the one chosen before it."""
+    import json
+    import signal
+
+    from tests.loop.cli_helpers import copy_after_warmup, mstar
+
+    reference, _ = smoke_run
+    workdir = copy_after_warmup(reference, tmp_path / "run")
+    (workdir / "config.json").unlink()  # same data, model and warm-up; other self-evolving settings
+    args = ["train", "--config", "smoke", "--workdir", str(workdir), "--config.train.passes=1.5",
+            "--config.train.temperature=0.7", "--config.adaptive.every=1", "--config.adaptive.window=1"]
+    killed = mstar(*args, MSTAR_KILL_AT="rollouts:3")  # 2 chunks per iteration: iteration 1's first chunk
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert not (workdir / "rollouts" / "iter_0001.jsonl").exists()
+    resumed = mstar(*args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    chosen = {r["iteration"]: r["temperature"] for r in records if r["stage"] == "temperature"}
+    assert sorted(chosen) == [1, 2, 3] and chosen[1] in (0.5, 1.0)
+    assert f"resuming after iteration 1 (T={chosen[1]:g})" in resumed.stdout
+    used = {0: 0.7, 1: chosen[1], 2: chosen[2]}
+    assert [r["temperature"] for r in records if r["stage"] == "iteration"] == [used[0], used[1], used[2]]
+    for i, t in used.items():
+        rollouts = [json.loads(x) for x in (workdir / "rollouts" / f"iter_{i:04d}.jsonl").read_text().splitlines()]
+        assert rollouts and {r["temperature"] for r in rollouts} == {t}, i
