@@ -35,11 +35,21 @@ def mstar(*args, timeout=600, **extra_env):
                           text=True, timeout=timeout)
 
 
+def _remove_final_plots(workdir: Path) -> None:
+    """The dynamics plots, which the end of a run writes (earlier stages' plots, e.g. the PRM's, stay)."""
+    from mstar_jax.reporting import DYNAMICS_METRICS
+
+    for metric in DYNAMICS_METRICS:
+        (workdir / "plots" / f"{metric.replace('@', '_at_').replace('-', '_minus_')}.png").unlink(missing_ok=True)
+
+
 def copy_after_warmup(reference: Path, dst: Path) -> Path:
-    """The reference workdir as it was when the warm-up had finished (every self-evolving output removed)."""
+    """The reference workdir as it was when the stages before self-evolving had finished (every self-evolving
+    output removed)."""
     shutil.copytree(reference, dst)
-    for name in ("checkpoints", "export", "plots", "tensorboard"):
+    for name in ("checkpoints", "export", "tensorboard"):
         shutil.rmtree(dst / name)
+    _remove_final_plots(dst)
     for path in [dst / "report.md", dst / "metrics.jsonl", dst / "results" / "final.json",
                  *(dst / "rollouts").glob("iter_*.jsonl")]:
         path.unlink()
@@ -52,8 +62,9 @@ def copy_after_iteration(reference: Path, dst: Path, iteration: int) -> Path:
     for step in (dst / "checkpoints").iterdir():
         if step.name.isdigit() and int(step.name) > iteration:
             shutil.rmtree(step)
-    for name in ("export", "plots", "tensorboard"):
+    for name in ("export", "tensorboard"):
         shutil.rmtree(dst / name)
+    _remove_final_plots(dst)
     for path in [dst / "report.md", dst / "results" / "final.json",
                  *(p for p in (dst / "rollouts").glob("iter_*.jsonl") if int(p.stem[5:9]) >= iteration)]:
         path.unlink()

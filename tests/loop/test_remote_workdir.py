@@ -43,7 +43,8 @@ def test_gs_workdir_is_written_remotely_and_resumes_on_a_fresh_machine(smoke_run
     for f in sorted(p.name for p in (reference / "export").iterdir()):
         assert (remote / "export" / f).read_bytes() == (reference / "export" / f).read_bytes(), f
     assert (remote / "results" / "final.json").is_file() and (remote / "report.md").is_file()
-    assert len(list((remote / "plots").glob("*.png"))) == 4
+    assert {p.name for p in (remote / "plots").glob("*.png")} >= {"greedy.png", "pass_at_k.png",
+                                                                  "pass_at_k_minus_greedy.png", "reward_pass_at_2.png"}
     assert len(list((remote / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one per run
     leftovers = [p for p in remote.rglob("*") if p.name.startswith(".") and "checkpoints" not in p.parts]
     assert not leftovers, leftovers
