@@ -150,8 +150,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 def initialize_distributed() -> bool:
     """Call `jax.distributed.initialize` when launched as several processes; returns True if it did.
 
-    Explicit settings come from MSTAR_COORDINATOR_ADDRESS / MSTAR_NUM_PROCESSES / MSTAR_PROCESS_ID (as set
-    by `tpu_scripts/launch.sh` or a GPU launcher); on a multi-host Cloud TPU slice jax detects them itself.
+    Explicit settings come from MSTAR_COORDINATOR_ADDRESS / MSTAR_NUM_PROCESSES / MSTAR_PROCESS_ID (a GPU
+    launcher, the CPU tests); MSTAR_DISTRIBUTED=auto (set by `tpu_scripts/launch.sh`) lets jax read them from the
+    TPU VM's metadata, as it also does where GKE sets TPU_WORKER_HOSTNAMES.
     """
     if getattr(initialize_distributed, "_done", False):
         return True
@@ -166,7 +167,7 @@ def initialize_distributed() -> bool:
             # CPU multi-process needs a collectives backend for cross-process computations.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid, **kwargs)
-    elif "," in tpu_hosts:
+    elif os.environ.get("MSTAR_DISTRIBUTED") == "auto" or "," in tpu_hosts:
         jax.distributed.initialize()
     else:
         return False

@@ -97,3 +97,19 @@ def test_two_processes_initialise_jax_distributed_and_agree(tiny_models, tmp_pat
     # Each process holds only its own shards (2 of the 4 devices).
     assert len(info["shard_shapes"]["language_model.layers.0.self_attn.q_proj.kernel"]) == 2
     assert np.abs(np.load(out)["logits"] - ref)[mask].max() < 1e-5
+
+
+def test_mstar_distributed_auto_leaves_the_slice_to_jax(monkeypatch):
+    """tpu_scripts/launch.sh sets MSTAR_DISTRIBUTED=auto: initialize() with no arguments (jax reads the TPU VM
+    metadata), where a plain TPU VM sets no TPU_WORKER_HOSTNAMES."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(sharding.initialize_distributed, "_done", False, raising=False)
+    for name in ("MSTAR_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MSTAR_DISTRIBUTED", raising=False)
+    assert not sharding.initialize_distributed() and calls == []
+    monkeypatch.setenv("MSTAR_DISTRIBUTED", "auto")
+    assert sharding.initialize_distributed() and calls == [((), {})]
