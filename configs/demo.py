@@ -23,6 +23,8 @@ def get_config() -> ConfigDict:
     c.data.val = ""  # MathVista-format JSON: validation (temperature selection, dynamics)
     c.data.test_id = ""  # in-domain test
     c.data.test_ood = ""  # out-of-domain test (MathVista testmini in the paper)
+    c.data.unlabeled = ""  # MathV360K-format JSON: unlabeled queries (paper 3.4); their answers are never trained on
+    c.data.unlabeled_answers = ""  # optional hidden answers of those (oracle variant, pseudo-label accuracy)
     c.data.synth_sizes = ConfigDict({"warmup": 256, "train": 512, "unlabeled": 0, "val": 64, "test_id": 1024,
                                      "test_ood": 1024})
     c.data.image_size = 56
@@ -67,7 +69,13 @@ def get_config() -> ConfigDict:
     c.train.num_samples = 8  # K rollouts per query
     c.train.temperature = 1.0  # initial rollout temperature
     c.train.max_per_query = 4  # M: at most this many correct responses per query
-    c.train.rerank_top = 2  # keep the scorer's top-N correct responses (0 = off)
+    # Which correct responses become training data (paper 3.3): all | top_k (the scorer's best rerank_top) |
+    # threshold (aggregated score >= alpha) | random_k (rerank_top at random).
+    c.train.selection = "top_k"
+    c.train.rerank_top = 2  # k of top_k / random_k
+    c.train.scorer = "prm"  # what top_k / threshold rank by: prm | mean_logprob
+    c.train.threshold = -1.0  # alpha of `threshold`; < 0: chosen on the validation set over threshold_step steps
+    c.train.threshold_step = 0.1
     c.train.lr = 3e-4
     c.train.schedule = "constant"  # constant (after linear warm-up) | cosine
     c.train.warmup_ratio = 0.1
@@ -81,11 +89,39 @@ def get_config() -> ConfigDict:
     c.train.compute_dtype = "float32"
 
     # Dynamics (paper 4.1) and adaptive temperature (paper 4.2).
+    # scorer: what Reward-Pass@2 (and so the adaptive temperature) ranks by: prm | mean_logprob.
     c.dynamics = ConfigDict({"num_samples": 4, "grid_low": 0.3, "grid_high": 1.6, "grid_step": 0.1,
-                             "every": 1, "scorer": "mean_logprob"})
+                             "every": 1, "scorer": "prm"})
     # window: the choice uses the mean validation Reward-Pass@2 of the last `window` iterations' dynamics
     # (1 = the paper's, the current evaluation only); 2 doubles the samples behind a 64-query choice.
     c.adaptive = ConfigDict({"enabled": True, "every": 2, "window": 2})
+
+    # Unlabeled prompts (paper 3.4): from `start` (a fraction of the run) on, each iteration also samples its slice
+    # of the unlabeled queries; `pseudo` keeps the responses agreeing with the PRM-weighted vote, `oracle` checks
+    # them against the hidden answers (the skyline). Either then goes through train.selection.
+    c.unlabeled = ConfigDict({"enabled": False, "start": 0.0, "mode": "pseudo"})
+
+    # The process reward model (paper 3.3, appendix D): Monte Carlo step labels from the labelling policy (""
+    # = the warm-up model), a scalar head on its backbone trained with MSE, then used by train.scorer /
+    # dynamics.scorer / unlabeled prompts. path: a trained PRM to use instead (nothing is labelled or trained).
+    # The demo's rationales are sentences ("The left die shows 3. The right die shows 5. 3 + 5 = 8. ..."),
+    # so its steps are sentences; real CoT data is split by lines, the paper's default.
+    c.prm = ConfigDict()
+    c.prm.enabled = True
+    c.prm.path = ""
+    c.prm.step_rule = "sentences"  # lines | sentences | paragraphs | regex:PATTERN
+    c.prm.aggregation = "min"  # min (paper) | mean | last | product
+    c.prm.score_batch = 64  # rows per scoring forward
+    c.prm.require_same_tokenizer = True  # a prm.path PRM must tokenize like the policy
+    c.prm.label = ConfigDict({"policy": "", "questions": 256, "samples": 16, "per_question": 4, "pairs": 512,
+                              "completions": 8, "temperature": 1.0, "balance": "fill", "complete_last_step": False,
+                              "chunk": 64, "max_rows": 256})
+    c.prm.train = ConfigDict({"lr": 3e-4, "epochs": 8.0, "global_batch": 32, "micro_batch": 32,
+                              "schedule": "constant", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                              "freeze_vision": True, "compute_dtype": "float32", "heldout": 0.1,
+                              "checkpoint_every": 50})
+    # The PRM as a verifier (paper figure 2a): Best-of-N / weighted / majority voting of the warm-up policy's samples.
+    c.prm.verify = ConfigDict({"enabled": True, "splits": ("val",), "ns": (1, 2, 4, 8, 16), "temperature": 1.0})
 
     c.eval = ConfigDict({"pass_k": 0})
     c.checkpoint = ConfigDict({"max_to_keep": 2})

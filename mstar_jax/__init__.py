@@ -2,13 +2,14 @@
 
 Public API (imported lazily so `import mstar_jax` stays light):
     load(path, dtype="float32") -> Policy with .config, .processor, .logits(batch), .generate(...)
+    load_prm(path) -> ProcessRewardModel with .score(items, responses), .step_scores(...), .score_response(...)
     check_answer(response, item) -> bool
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load", "check_answer", "__version__"]
+__all__ = ["load", "load_prm", "check_answer", "__version__"]
 
 
 def load(path, dtype="float32", mesh=None):
@@ -16,6 +17,13 @@ def load(path, dtype="float32", mesh=None):
     from mstar_jax.policy import load as _load
 
     return _load(path, dtype=dtype, mesh=mesh)
+
+
+def load_prm(path, dtype="float32", mesh=None, **kw):
+    """Load a process reward model (written by `mstar prm train`, or its HF export) for scoring."""
+    from mstar_jax.prm.score import load_prm as _load_prm
+
+    return _load_prm(path, mesh=mesh, dtype=dtype, **kw)
 
 
 def check_answer(response: str, item: dict) -> bool:

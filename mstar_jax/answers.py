@@ -465,10 +465,62 @@ def check_answer(response: str, item: dict, timeout: float = DEFAULT_TIMEOUT_S) 
         return pred is not None and _numbers_match(pred, gold, atype, _precision(item), gold_text)
     if atype == "list":
         return _elements_match(pred, gold) or _symbolic_equal(gold_text, extraction, timeout)
-    # free-form text: normalised string equality, then symbolic equivalence ("\frac{\sqrt{3}}{2}" vs ...)
+    return _texts_match(pred, gold, extraction, gold_text, timeout)
+
+
+def _texts_match(pred: str, gold: str, pred_raw: str, gold_raw: str, timeout: float) -> bool:
+    """Free-form text: normalised string equality, equal numbers, then symbolic equivalence ("\frac{\sqrt{3}}{2}"
+    vs ...)."""
     if _norm_text(pred) == _norm_text(gold):
         return True
     gv, pv = _simple_numbers(gold), _simple_numbers(pred)
     if gv is not None and pv is not None:
         return any(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a in pv for b in gv)
-    return _symbolic_equal(gold_text, extraction, timeout)
+    return _symbolic_equal(gold_raw, pred_raw, timeout)
+
+
+# ---------------------------------------------------------------------------------------------- voting
+
+
+def same_answer(a: str, b: str, item: dict, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
+    """True if two extracted answers are the same answer to `item` by the checker's rules (for voting).
+
+    Multiple choice: the same option ("(B) 2", "B" and "2" when B is "2"); numbers: equal as the item's answer
+    type compares them ("2" and "2.0" for an integer); lists element-wise; text normalised, then symbolically.
+    """
+    qtype = item.get("question_type") or ("multi_choice" if item.get("choices") else "free_form")
+    atype = item.get("answer_type") or "text"
+    pa, pb = normalize_prediction(a, item, timeout), normalize_prediction(b, item, timeout)
+    if pa is None or pb is None:
+        return pa is None and pb is None and _norm_text(a) == _norm_text(b)
+    if qtype == "multi_choice":
+        return pa == pb
+    if atype == "integer":
+        return any(int(x) == int(y) for x in pa for y in pb if math.isfinite(x) and math.isfinite(y))
+    if atype == "float":
+        p = _precision(item)
+        p = p if p is not None else max(_decimals(a), _decimals(b))
+        return any(round(x, p) == round(y, p) for x in pa for y in pb if math.isfinite(x) and math.isfinite(y))
+    if atype == "list":
+        return _elements_match(pa, pb)
+    return _texts_match(pa, pb, a, b, timeout)
+
+
+def answer_groups(responses: Sequence[str], item: dict, timeout: float = DEFAULT_TIMEOUT_S) -> list[int | None]:
+    """Group id per response: responses whose final answers are `same_answer` share one (numbered in order of
+    first appearance); None for a response with no extractable answer."""
+    reps: list[str] = []
+    out: list[int | None] = []
+    for r in responses:
+        e = extract_answer(r, item)
+        if e is None:
+            out.append(None)
+            continue
+        for g, rep in enumerate(reps):
+            if e == rep or same_answer(e, rep, item, timeout):
+                out.append(g)
+                break
+        else:
+            reps.append(e)
+            out.append(len(reps) - 1)
+    return out

@@ -214,3 +214,56 @@ def evaluate_checkpoint(ckpt: str | Path, benchmark: str, data: str | Path, *, r
                         "left_out": bench["report"].counts}
     paths = write_results(result, out_dir, title=f"{name}: {Path(str(ckpt)).name} ({result['n']} items)")
     return result, paths
+
+
+def verify_responses(result: dict, records, root: str | Path, prm_path: str | Path, ns, out_dir: str | Path,
+                     dtype: str = "float32", log: Callable[[str], None] | None = None) -> tuple[dict, dict[str, Path]]:
+    """The PRM as a verifier on an evaluation's samples (paper 3.3, figure 2a): Best-of-N, weighted and majority
+    voting and Pass@N for each N in `ns`, from the first N samples of every item (greedy as the reference line).
+
+    Writes verifier.json, verifier.md and verifier.png into `out_dir`; returns (verifier result, paths)."""
+    import json
+
+    import mstar_jax
+    from mstar_jax.answers import answer_groups
+    from mstar_jax.io import load_images, write_atomic
+    from mstar_jax.prm.verify import curves_table, plot_curves, verifier_curves
+
+    rows = result["per_item"]
+    ns = sorted(int(n) for n in ns)
+    if not ns or ns[0] < 1 or any(len(r["responses"]) - 1 < ns[-1] for r in rows):
+        raise MstarError(f"--verifier needs {ns[-1] if ns else 1} sampled responses per item (--n {','.join(map(str, ns))})")
+    prm = mstar_jax.load_prm(prm_path, dtype=dtype)
+    items = [r.to_item() for r in records]
+    by_id = {it["pid"]: it for it in items}
+    prompts, images, texts, counts = [], [], [], []
+    for row in rows:
+        item = by_id[row["id"]]
+        img = load_images([str(Path(root) / rel) for rel in item["images"][:1]]) if item["images"] else [None]
+        samples = row["responses"][1:1 + ns[-1]]
+        prompts += [row["prompt"]] * len(samples)
+        images += img * len(samples)
+        texts += samples
+        counts.append(len(samples))
+    if log:
+        log(f"verifier: scoring {len(texts)} samples with {prm_path}")
+    step_scores = prm.score_rows(prompts, images, texts)
+    from mstar_jax.prm.score import aggregate
+
+    scores, k = [], 0
+    for c in counts:
+        scores.append([aggregate(s, prm.aggregation) for s in step_scores[k:k + c]])
+        k += c
+    correct = [r["correct"][1:1 + ns[-1]] for r in rows]
+    groups = [answer_groups(r["responses"][1:1 + ns[-1]], by_id[r["id"]]) for r in rows]
+    curves = verifier_curves(correct, scores, groups, ns)
+    greedy = 100.0 * sum(r["greedy_correct"] for r in rows) / max(1, len(rows))
+    out = Path(out_dir)
+    verdict = {"prm": str(prm_path), "aggregation": prm.aggregation, "rows": len(rows), "greedy": greedy,
+               "note": "rows are scored one by one (MMBench copies too); Best-of-N / voting use the first N samples",
+               "curves": {str(n): c for n, c in curves.items()}}
+    paths = {"json": out / "verifier.json", "markdown": out / "verifier.md", "plot": out / "verifier.png"}
+    write_atomic(paths["json"], json.dumps(verdict, indent=1))
+    write_atomic(paths["markdown"], f"# PRM as a verifier ({prm_path})\n\n" + curves_table(curves, greedy))
+    plot_curves(curves, paths["plot"], greedy, title=f"PRM as a verifier ({len(rows)} questions)")
+    return verdict, paths

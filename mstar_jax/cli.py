@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "mstar_jax.data.commands",
     "mstar_jax.commands.study",
     "mstar_jax.commands.demo",
+    "mstar_jax.commands.prm",
 )
 
 
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     argv, overrides = split_config_overrides(list(_sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     args.config_overrides = overrides
-    if overrides and args.command not in ("train", "study"):
-        parser.error(f"--config.* overrides only apply to `train` and `study`, not `{args.command}`")
+    if overrides and args.command not in ("train", "study", "prm"):
+        parser.error(f"--config.* overrides only apply to `train`, `study` and `prm`, not `{args.command}`")
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -12,7 +12,13 @@ from ml_collections import ConfigDict
 
 from mstar_jax.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+def _config_dir() -> Path:
+    """`configs/` beside the package in a source checkout, else the copy the wheel ships as `mstar_jax/configs`."""
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 def resolve_config_path(name_or_path: str | None, default: str = "demo") -> Path:
@@ -79,7 +85,7 @@ def _parse_value(text: str, current: Any) -> Any:
     except (ValueError, SyntaxError):
         if current is None:
             return text
-        raise ValueError(f"cannot parse {text!r}") from None
+        raise ValueError(f"cannot parse {text!r} as a {type(current).__name__}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
@@ -169,6 +175,27 @@ def diff_configs(a: ConfigDict | dict, b: ConfigDict | dict, prefix: str = "",
             continue  # added since `a` was written, at the value that keeps the earlier behaviour
         elif _norm(va) != _norm(vb):
             out.append(f"{prefix}{k}: {va!r} != {vb!r}")
+    return out
+
+
+# Keys added since workdirs were first written whose default (the demo's) changes what a run does: a workdir
+# written before them ran as these values say, so resuming it under the new defaults is refused, not silent.
+LEGACY_VALUES = {"prm": {"enabled": False}, "train": {"scorer": "mean_logprob"},
+                 "dynamics": {"scorer": "mean_logprob"}}
+
+
+def resume_defaults(name: str = "demo") -> dict:
+    """`default_values` with LEGACY_VALUES laid over it: what a workdir that lacks a key must have run with."""
+    out = default_values(name)
+
+    def overlay(d: dict, patch: dict) -> None:
+        for k, v in patch.items():
+            if isinstance(v, dict) and isinstance(d.get(k), dict):
+                overlay(d[k], v)
+            elif k in d:
+                d[k] = v
+
+    overlay(out, LEGACY_VALUES)
     return out
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from mstar_jax import sharding as shd
 from mstar_jax.errors import CheckpointError
+from mstar_jax.io import to_host
 from mstar_jax.models.llava import keymap
 from mstar_jax.models.llava.config import LlavaConfig, load_hf_config
 from mstar_jax.models.llava.model import LlavaForConditionalGeneration, vision_layers_used
@@ -318,16 +319,19 @@ def _copy_side_files(src: Path | None, dst) -> None:
             (dst / f.name).write_bytes(f.read_bytes())
 
 
-def save_converted(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False):
-    """Write `loaded` as a converted checkpoint: atomically on a local disk, description last on gs://."""
+def save_converted(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = False,
+                   extra_files: dict[str, bytes] | None = None):
+    """Write `loaded` as a converted checkpoint: atomically on a local disk, description last on gs://.
+
+    `extra_files` ({name: bytes}, e.g. a reward head) are written beside it, before the description."""
     if _is_remote(out_dir):
-        return _save_in_place(loaded, _epath(out_dir), overwrite)
+        return _save_in_place(loaded, _epath(out_dir), overwrite, extra_files)
     with _Staging(out_dir, overwrite) as tmp:
-        _write_converted(loaded, tmp)
+        _write_converted(loaded, tmp, extra_files)
     return Path(out_dir)
 
 
-def _save_in_place(loaded: LoadedModel, out, overwrite: bool):
+def _save_in_place(loaded: LoadedModel, out, overwrite: bool, extra_files: dict[str, bytes] | None = None):
     # An object store cannot rename a directory atomically: write in place and add the description (META_NAME)
     # last -- until it exists the directory is no checkpoint (is_converted), and the next save replaces it.
     _refuse_existing(out, overwrite)
@@ -337,14 +341,16 @@ def _save_in_place(loaded: LoadedModel, out, overwrite: bool):
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"mstar save_converted {out}")  # nobody writes before the removal
-    _write_converted(loaded, out)
+    _write_converted(loaded, out, extra_files)
     return out
 
 
-def _write_converted(loaded: LoadedModel, out) -> None:
-    """Params (Orbax, every process), then extras, HF side files and the description (process 0)."""
+def _write_converted(loaded: LoadedModel, out, extra_files: dict[str, bytes] | None = None) -> None:
+    """Params (Orbax, every process), then extras, HF side files, extra files and the description (process 0)."""
     save_params(loaded.params, out / "params")
     if jax.process_index() == 0:
+        for name, data in (extra_files or {}).items():
+            (out / name).write_bytes(data)
         if loaded.extras:
             from safetensors.numpy import save
 
@@ -377,14 +383,6 @@ def _refuse_existing(out_dir, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------- HF export
 
 
-def _host(a: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not a.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-    return np.asarray(jax.device_get(a))
-
-
 def hf_tensors(cfg: LlavaConfig, params: dict[tuple, Any], extras: dict[str, np.ndarray],
                layout: str | Layout = keymap.DEFAULT_LAYOUT) -> dict[str, np.ndarray]:
     """All HF tensors (named in `layout`) for our params plus the unused extras, via the key-map table."""
@@ -404,7 +402,7 @@ def hf_tensors(cfg: LlavaConfig, params: dict[tuple, Any], extras: dict[str, np.
         for i in indices:
             key = rule.hf_key(i)
             m = rule.match(key)
-            arrays = [_host(params[p]) for p in rule.paths(m)]
+            arrays = [to_host(params[p]) for p in rule.paths(m)]
             out[layout.from_canonical(key)] = rule.to_hf(arrays, cfg)
     for canon, arr in extras.items():
         out[layout.from_canonical(canon)] = np.asarray(arr)
@@ -412,8 +410,10 @@ def hf_tensors(cfg: LlavaConfig, params: dict[tuple, Any], extras: dict[str, np.
 
 
 def export_hf(loaded: LoadedModel, out_dir: str | Path, layout: str | None = None, dtype: str | None = None,
-              max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
-    """Write an HF directory (sharded safetensors + index + config + tokenizer + processor + chat template)."""
+              max_shard_size: str | int = "5GB", overwrite: bool = False,
+              extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write an HF directory (sharded safetensors + index + config + tokenizer + processor + chat template), plus
+    `extra_files` ({name: bytes})."""
     if loaded.hf_files is None or not (Path(loaded.hf_files) / "config.json").is_file():
         raise CheckpointError("the checkpoint has no HF config.json/tokenizer files to export with")
     tensors = hf_tensors(loaded.cfg, loaded.params, loaded.extras, layout or loaded.layout)
@@ -426,6 +426,8 @@ def export_hf(loaded: LoadedModel, out_dir: str | Path, layout: str | None = Non
     with _Staging(out_dir, overwrite) as tmp:
         _copy_side_files(Path(loaded.hf_files), tmp)
         write_safetensors(tensors, tmp, max_shard_size)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return Path(out_dir)
 
 

@@ -50,8 +50,10 @@ import numpy as np
 from mstar_jax import sharding as shd
 from mstar_jax.conversion import cast_params, merge
 from mstar_jax.errors import MstarError
+from mstar_jax.io import to_host
 from mstar_jax.models.layers import KVCache
 from mstar_jax.models.llava.model import positions_from_mask
+from mstar_jax.sft_batch import prompt_text
 
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "cache_dim")
 # The decode caches are stored heads-major ([B, K, S, D]) so attention's batched matmuls read them in place.
@@ -115,9 +117,7 @@ def build_prompts(processor, questions: Sequence[str], images: Sequence[Any] | N
     for question, imgs in zip(questions, images):
         k = len(_image_list(imgs))
         if use_chat_template:
-            content = [{"type": "image"}] * k + [{"type": "text", "text": question}]
-            texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                       add_generation_prompt=True))
+            texts.append(prompt_text(processor, question, k))
         else:
             # Raw prompts still need one image placeholder per image for the processor to expand.
             missing = k - question.count(image_token)
@@ -169,6 +169,7 @@ class DecodeState(NamedTuple):
     logits: jax.Array  # [R, V] next-token logits
     prefix: list  # per layer KVCache(k [B, K, D, P], v [B, K, P, D]): the prompt's keys/values, once per prompt
     prefix_valid: jax.Array  # [B, P] bool (left padding is False)
+    prefix_end: jax.Array  # [R] a row sees prompt slots < prefix_end (P, or a step boundary for MC completions)
     suffix: list  # per layer KVCache([R, K, N, D]): the generated tokens' keys/values, one row per sample
     next_pos: jax.Array  # [R] position id of generated token 0
     keys: jax.Array  # [R] per-sample PRNG keys
@@ -188,38 +189,51 @@ def _prompt_cache(cache):
                     shd.constrain(c.v.transpose(0, 2, 1, 3), CACHE_AXES_HEADS_MAJOR)) for c in cache]
 
 
-def _prefill(graphdef, params, ids, mask, pixels, row_valid, prompt_index, seed, *, n: int, new_len: int):
-    """Run the B prompts once (not B*n) and return the decode state for their B*n samples."""
+def _prefill(graphdef, params, ids, mask, pixels, row_valid, prompt_index, seed, ends, ends_valid, *, n: int,
+             new_len: int):
+    """Run the B prompts once (not B*n) and return the decode state for their B*S*n samples.
+
+    `ends` [B, S]: each prompt is continued from S points (slot ends, exclusive), n samples each; plain sampling
+    has S = 1 and ends = P. Rows are ordered (prompt, end, sample)."""
     model = merge(graphdef, params)
     b, p = ids.shape
+    s_ends = ends.shape[1]
     feats = None if pixels is None else model.image_features(pixels)
     positions = positions_from_mask(mask)
     cache = _constrain_cache(model.init_cache(b, p))
     h, cache = model.hidden_states(model.embed(ids, feats), positions, mask, cache, 0)
-    # Only the last position's logits are needed (prompts are left-padded): skips a [B, P, V] matmul.
-    logits = model.logits_from_hidden(h[:, -1:])[:, 0]
+    # Only the logits before each end are needed (prompts are left-padded): skips a [B, P, V] matmul.
+    h_end = jnp.take_along_axis(h, (ends - 1)[..., None], axis=1)  # [B, S, D]
+    logits = model.logits_from_hidden(h_end).reshape(b * s_ends, -1)
+    pad = p - jnp.sum(mask, axis=-1).astype(jnp.int32)  # left padding per prompt
 
     def rep(x):
         return jnp.repeat(x, n, axis=0)
 
-    r = b * n
+    def rep_rows(x):  # per-prompt [B] -> per-row [B*S*n]
+        return jnp.repeat(x, s_ends * n, axis=0)
+
+    r = b * s_ends * n
     t = model.cfg.text
     shape = (r, t.num_kv_heads, new_len, t.head_dim)
     zeros = jnp.zeros(shape, cache[0].k.dtype)
     suffix = _constrain_cache_hm([KVCache(zeros, zeros) for _ in cache])
     base = jax.random.key(seed)
-    sample_j = jnp.tile(jnp.arange(n), b)
-    keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(rep(prompt_index), sample_j)
+    sample_j = jnp.tile(jnp.arange(s_ends * n), b)
+    keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(rep_rows(prompt_index),
+                                                                                    sample_j)
     zeros_f = jnp.zeros((r, new_len), jnp.float32)
+    row_ends = rep(ends.reshape(-1))
     return DecodeState(
         step=jnp.zeros((), jnp.int32),
         tokens=_rows(jnp.zeros((r, new_len), jnp.int32), (None,)),
         logprobs=_rows(zeros_f, (None,)), model_logprobs=_rows(zeros_f, (None,)),
         lengths=_rows(jnp.zeros((r,), jnp.int32), ()),
-        done=_rows(~rep(row_valid), ()), stopped=_rows(jnp.zeros((r,), bool), ()),
+        done=_rows(~(rep_rows(row_valid) & rep(ends_valid.reshape(-1))), ()),
+        stopped=_rows(jnp.zeros((r,), bool), ()),
         logits=_rows(rep(logits), ("act_vocab",)), prefix=_prompt_cache(cache),
-        prefix_valid=_rows(mask.astype(bool), (None,)), suffix=suffix,
-        next_pos=_rows(rep(jnp.sum(mask, axis=-1).astype(jnp.int32)), ()), keys=keys)
+        prefix_valid=_rows(mask.astype(bool), (None,)), prefix_end=_rows(row_ends, ()), suffix=suffix,
+        next_pos=_rows(row_ends - rep_rows(pad), ()), keys=keys)
 
 
 def _constrain_cache_hm(cache):
@@ -227,11 +241,11 @@ def _constrain_cache_hm(cache):
             for c in cache]
 
 
-def _shared_prefix_attention(q, prefix: KVCache, prefix_valid, suffix: KVCache, step, window, scale):
+def _shared_prefix_attention(q, prefix: KVCache, prefix_valid, prefix_end, suffix: KVCache, step, window, scale):
     """Attention of one new token per row over its prompt (shared by the n rows of a prompt) and its own tokens.
 
-    q [R, H, D]; prefix k [B, K, D, P], v [B, K, P, D]; suffix k/v [R, K, N, D] holding this step's key at slot
-    `step`.
+    q [R, H, D]; prefix k [B, K, D, P], v [B, K, P, D]; prefix_end [R]: row r sees prompt slots < prefix_end[r];
+    suffix k/v [R, K, N, D] holding this step's key at slot `step`.
     The n samples of a prompt query the prompt's keys together as one [n*G, P] matmul, so the prompt's
     cache is read once per prompt instead of once per sample; one softmax spans both parts.
     """
@@ -243,11 +257,13 @@ def _shared_prefix_attention(q, prefix: KVCache, prefix_valid, suffix: KVCache, 
     qp = q.reshape(b, n, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, n * g, d)
     s_pre = jnp.einsum("bkqd,bkdp->bkqp", qp, prefix.k, preferred_element_type=f32) * scale
     s_suf = jnp.einsum("rkgd,rknd->rkgn", q.reshape(r, kh, g, d), suffix.k, preferred_element_type=f32) * scale
-    q_slot = p + step
-    pre_ok = prefix_valid[:, None, None, :]
+    slot_p = jnp.arange(p)[None, None, None, :]
+    end_q = jnp.repeat(prefix_end.reshape(b, n), g, axis=1)[:, None, :, None]  # [B, 1, n*G, 1]
+    pre_ok = prefix_valid[:, None, None, :] & (slot_p < end_q)
     suf_ok = (jnp.arange(slots) <= step)[None, None, None, :]
     if window is not None:
-        pre_ok = pre_ok & (q_slot - jnp.arange(p) < window)[None, None, None, :]
+        # The query sits `step` slots after its row's prefix end, so its distance to prompt slot i is end+step-i.
+        pre_ok = pre_ok & (end_q + step - slot_p < window)
         suf_ok = suf_ok & (step - jnp.arange(slots) < window)[None, None, None, :]
     neg = jnp.finfo(f32).min
     s_pre = jnp.where(pre_ok, s_pre, neg)
@@ -284,8 +300,8 @@ def _decode_forward(model, tok, positions, state: DecodeState):
             at = (0, 0, state.step, 0)
             new = KVCache(jax.lax.dynamic_update_slice(suf.k, k.transpose(0, 2, 1, 3).astype(suf.k.dtype), at),
                           jax.lax.dynamic_update_slice(suf.v, v.transpose(0, 2, 1, 3).astype(suf.v.dtype), at))
-            out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, new, state.step, a.window,
-                                           a.head_dim ** -0.5)
+            out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, state.prefix_end, new, state.step,
+                                           a.window, a.head_dim ** -0.5)
             return a.output(out[:, None]), new
 
         x, new_suffix = layer.block(x, attend)
@@ -459,14 +475,6 @@ def _forced_logits(graphdef, params, state: DecodeState, forced):
 # ---------------------------------------------------------------------------------------------- sampler
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 class Sampler:
     """Jitted prefill + decode for one model structure on one mesh; `generate` takes params on every call."""
 
@@ -575,17 +583,29 @@ class Sampler:
         valid = np.arange(n_prompts) < len(group)
         return ids, mask, valid, pixels
 
-    def _start(self, params, group, indices, n, new_len, seed):
-        """Put a prompt group on the mesh and run the prefill."""
+    def _start(self, params, group, indices, n, new_len, seed, cuts=None):
+        """Put a prompt group on the mesh and run the prefill.
+
+        `cuts`: per prompt, the token counts of its ids to continue from (default: all of them, once)."""
         b = bucket(len(group))
         ids, mask, valid, pixels = self._group_arrays(group, b)
+        p = ids.shape[1]
+        s_ends = 1 if cuts is None else bucket(max(len(c) for c in cuts))
+        ends = np.full((b, s_ends), p, np.int32)
+        ends_valid = np.zeros((b, s_ends), bool)
+        ends_valid[:, 0] = True
+        for i, x in enumerate(group):
+            if cuts is not None:
+                ends[i, :len(cuts[i])] = p - len(x.ids) + np.asarray(cuts[i], np.int32)
+                ends_valid[i] = np.arange(s_ends) < len(cuts[i])
         index = np.zeros((b,), np.int32)
         index[:len(indices)] = indices
         with shd.use_mesh(self.mesh):
             state = self._prefill(params, self._put(ids, ("batch", None)), self._put(mask, ("batch", None)),
                                   None if pixels is None else self._put(pixels, (None,) * pixels.ndim),
                                   self._put(valid, ("batch",)), self._put(index, ("batch",)),
-                                  jnp.uint32(seed), n=n, new_len=new_len)
+                                  jnp.uint32(seed), self._put(ends, ("batch", None)),
+                                  self._put(ends_valid, ("batch", None)), n=n, new_len=new_len)
         self.prefill_calls += 1
         return state
 
@@ -632,6 +652,67 @@ class Sampler:
             self.last_phases = phases
         return results  # type: ignore[return-value]
 
+    def complete(self, params, images, prompts, continuations: Sequence[Sequence[int]],
+                 cuts: Sequence[Sequence[int]], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, max_new_tokens: int = 256, seed: int = 0, indices: Sequence[int] | None = None,
+                 stop: Sequence[str] | str | None = None, use_chat_template: bool = True,
+                 max_rows: int | None = None) -> list[list[list[Sample]]]:
+        """n samples continuing each prompt + `continuations[i][:c]` for every c in `cuts[i]` (Monte Carlo
+        completions of a response's step prefixes): [prompt][cut][sample].
+
+        Each (prompt, continuation) is prefilled once; the samples of all its cuts share that cache, each row
+        seeing it up to its own cut. Sample j of cut s of prompt i draws from fold_in(key(seed), indices[i]) at
+        j' = s * n + j, so results do not depend on the grouping (pass stable `indices` when calling in chunks).
+        """
+        if len(continuations) != len(cuts):
+            raise MstarError(f"{len(continuations)} continuations but {len(cuts)} cut lists")
+        if n < 1 or max_new_tokens < 1:
+            raise MstarError(f"n ({n}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        stop = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
+        base = self.prompts_from(images, prompts, None, use_chat_template)
+        if len(base) != len(cuts):
+            raise MstarError(f"{len(base)} prompts but {len(cuts)} cut lists")
+        items, item_cuts = [], []
+        for i, (x, cont, cs) in enumerate(zip(base, continuations, cuts)):
+            cs = [int(c) for c in cs]
+            if not cs or min(cs) < 0 or max(cs) > len(cont):
+                raise MstarError(f"prompt {i}: cuts {cs} must be non-empty and within its {len(cont)} continuation "
+                                 "tokens")
+            items.append(_Prompt(np.concatenate([x.ids, np.asarray(cont[:max(cs)], np.int32)]), x.pixels))
+            # A cut of 0 continues the bare prompt (at least one prompt token is always visible).
+            item_cuts.append([len(x.ids) + c for c in cs])
+        indices = list(range(len(items))) if indices is None else [int(i) for i in indices]
+        greedy = temperature == 0
+        mode = Mode(greedy=greedy, top_k=0 if greedy else int(top_k), top_p=not greedy and top_p < 1.0)
+        eos = self.eos_ids()
+        stop_mask = self._put(self._stop_mask(eos, stop), (None,))
+        new_len = bucket(max_new_tokens, self.min_new_bucket, steps=2)
+        budget = max_rows or self.max_rows
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        results: list = [None] * len(items)
+        g = 0
+        while g < len(order):
+            # As many prompts as fit `budget` rows at the group's (bucketed) cut count, at least one.
+            take = 1
+            while g + take < len(order):
+                s_max = bucket(max(len(item_cuts[i]) for i in order[g:g + take + 1]))
+                if bucket(take + 1) * s_max * n > budget:
+                    break
+                take += 1
+            idx = order[g:g + take]
+            g += take
+            group_cuts = [item_cuts[i] for i in idx]
+            state = self._start(params, [items[i] for i in idx], [indices[i] for i in idx], n, new_len, seed,
+                                cuts=group_cuts)
+            s_max = bucket(max(len(c) for c in group_cuts))
+            state = self._run(params, state, max_new_tokens, temperature, top_p, stop_mask, mode, stop,
+                              s_max * n, len(idx))
+            out = self._samples(state, len(idx) * s_max * n, eos, stop, False)
+            for k, i in enumerate(idx):
+                rows = out[k * s_max * n:(k + 1) * s_max * n]
+                results[i] = [rows[s * n:(s + 1) * n] for s in range(len(item_cuts[i]))]
+        return results
+
     def _run(self, params, state, max_new, temperature, top_p, stop_mask, mode, stop, n, n_real):
         """Decode in one while_loop, or in chunks with a host stop-string check between them."""
         interval = self.stop_check_interval if stop else max_new
@@ -643,10 +724,10 @@ class Sampler:
             step = int(state.step)
             if not stop or step >= max_new:
                 break
-            done = _to_host(state.done)
+            done = to_host(state.done)
             if done.all():
                 break
-            tokens, lengths = _to_host(state.tokens), _to_host(state.lengths)
+            tokens, lengths = to_host(state.tokens), to_host(state.lengths)
             hit = done.copy()
             for r in np.flatnonzero(~done[:n_real * n]):
                 text = self.tokenizer.decode(tokens[r, :lengths[r]], skip_special_tokens=True)
@@ -657,8 +738,8 @@ class Sampler:
         return state
 
     def _samples(self, state, rows, eos, stop, with_model_lp) -> list[Sample]:
-        tokens, lps, mlps = _to_host(state.tokens), _to_host(state.logprobs), _to_host(state.model_logprobs)
-        lengths, stopped = _to_host(state.lengths), _to_host(state.stopped)
+        tokens, lps, mlps = to_host(state.tokens), to_host(state.logprobs), to_host(state.model_logprobs)
+        lengths, stopped = to_host(state.lengths), to_host(state.stopped)
         out = []
         for r in range(rows):
             ids = tokens[r, :lengths[r]].tolist()
@@ -699,7 +780,7 @@ class Sampler:
         full[:rows, :-1] = forced
         with shd.use_mesh(self.mesh):
             out = self._forced(params, state, self._put(full, ("batch", None)))
-        return _to_host(out)[:rows]
+        return to_host(out)[:rows]
 
 
 _SAMPLERS: "weakref.WeakKeyDictionary[Any, Sampler]" = weakref.WeakKeyDictionary()

@@ -16,9 +16,10 @@ from mstar_jax.errors import DataError
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
 
 
-def prompt_text(processor, question: str, has_image: bool = True) -> str:
-    """One user turn (image placeholder, then the question) through the chat template + generation prompt."""
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+def prompt_text(processor, question: str, num_images: int = 1) -> str:
+    """One user turn (`num_images` image placeholders, then the question) through the chat template, plus the
+    generation prompt: the one place a prompt is built, for sampling, SFT and the data pipeline alike."""
+    content = [{"type": "image"}] * int(num_images) + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -32,7 +33,7 @@ def sft_example(processor, question: str, response: str, image: Any | None = Non
                 max_length: int | None = None) -> dict[str, np.ndarray]:
     """Unpadded ids, loss mask (1 on response + EOS) and pixel values of one example."""
     tok = getattr(processor, "tokenizer", processor)
-    text = prompt_text(processor, question, image is not None)
+    text = prompt_text(processor, question, int(image is not None))
     if image is not None:
         enc = processor(images=[image], text=[text], return_tensors="np")
     else:
@@ -71,6 +72,16 @@ def pad_examples(examples: Sequence[dict[str, np.ndarray]], pad_id: int, padding
         sl = slice(0, n) if padding_side == "right" else slice(t - n, t)
         ids[i, sl], attn[i, sl], loss[i, sl] = e["input_ids"], 1, e["loss_mask"]
     batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    # Other per-token arrays (e.g. the PRM's float `targets`) are padded with zeros the same way.
+    for k in sorted({k for e in examples for k in e} - {"input_ids", "loss_mask", "pixel_values"}):
+        first = np.asarray(examples[0][k])
+        if first.ndim != 1 or len(first) != len(examples[0]["input_ids"]):
+            continue
+        extra = np.zeros((b, t), first.dtype)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            extra[i, slice(0, n) if padding_side == "right" else slice(t - n, t)] = e[k]
+        batch[k] = extra
     with_images = [e for e in examples if "pixel_values" in e]
     if with_images and len(with_images) != b:
         raise DataError(f"{len(with_images)} of {b} SFT examples have an image; a batch must be all-image or "

@@ -12,6 +12,7 @@ are cast inside the step); gradients, their accumulation and the optimizer state
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -174,9 +175,36 @@ def num_targets_bound(loss_mask: np.ndarray, multiple: int = 16, groups: int = 1
 # ------------------------------------------------------------------------------------------------ step
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a train step minimises: `loss_sum(graphdef, params, micro, num_targets, groups)` summed over the
+    micro-batch, divided by `count(batch)` (the global number of scored tokens), over the batch keys `keys`.
+
+    `shifted`: the loss mask marks next-token targets (position t is predicted from t-1), so the LM-head packing
+    bound of `num_targets_bound` applies; otherwise every masked position is scored in place (the PRM)."""
+
+    name: str
+    loss_sum: Callable
+    keys: tuple[str, ...]
+    shifted: bool = True
+
+    def count(self, loss_mask: jax.Array) -> jax.Array:
+        """Scored tokens of a [..., T] loss mask (at least 1)."""
+        mask = loss_mask[..., 1:] if self.shifted else loss_mask
+        return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def _sft_loss_sum(graphdef, params, micro, num_targets, groups):
+    return response_loss_sum(merge(graphdef, params), micro, num_targets, groups)
+
+
+SFT = Objective("sft", _sft_loss_sum, BATCH_KEYS)
+
+
 def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_targets: int,
                      frozen: Callable[[tuple], bool] = lambda p: False, compute_dtype: Any = jnp.float32,
-                     param_shardings: dict | None = None, groups: int = 1) -> tuple[jax.Array, Params, jax.Array]:
+                     param_shardings: dict | None = None, groups: int = 1,
+                     objective: Objective = SFT) -> tuple[jax.Array, Params, jax.Array]:
     """(global mean loss, fp32 grads of the trainable params, target count) over a [micro_steps, micro, ...] batch."""
     order = list(params)
     train_paths = [p for p in order if not frozen(p)]
@@ -187,7 +215,7 @@ def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_
     # Cast once per step; differentiating w.r.t. the cast copy gives the same numbers as through the cast.
     train_c = {p: cast(params[p]) for p in train_paths}
     frozen_c = {p: cast(params[p]) for p in order if frozen(p)}
-    n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][..., 1:].astype(jnp.float32)), 1.0)
+    n_tokens = objective.count(batch["loss_mask"])
 
     def constrain(tree):
         # Keep the accumulator laid out like the params (else the scan carry may end up replicated).
@@ -196,9 +224,9 @@ def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_
         return {p: jax.lax.with_sharding_constraint(g, param_shardings[p]) for p, g in tree.items()}
 
     def micro_loss(train, micro):
-        model = merge(graphdef, {p: (train[p] if p in train else frozen_c[p]) for p in order})
+        full = {p: (train[p] if p in train else frozen_c[p]) for p in order}
         # Dividing by the global token count makes the summed micro-batch grads the global-batch mean.
-        return response_loss_sum(model, micro, num_targets, groups) / n_tokens
+        return objective.loss_sum(graphdef, full, micro, num_targets, groups) / n_tokens
 
     def body(carry, micro):
         loss_acc, grad_acc = carry
@@ -212,10 +240,11 @@ def accumulate_grads(graphdef, params: Params, batch: dict[str, jax.Array], num_
 
 
 def _train_update(graphdef, tx, schedule, frozen: Callable[[tuple], bool], compute_dtype, param_shardings,
-                  state: TrainState, batch: dict[str, jax.Array], num_targets: int, groups: int):
+                  objective: Objective, state: TrainState, batch: dict[str, jax.Array], num_targets: int,
+                  groups: int):
     """One optimizer update from a [micro_steps, micro, ...] batch (pure; jitted by TrainStep)."""
     loss, grads, n_tokens = accumulate_grads(graphdef, state.params, batch, num_targets, frozen, compute_dtype,
-                                             param_shardings, groups)
+                                             param_shardings, groups, objective)
     grad_norm = optax.tree.norm(grads)
     lr = schedule(schedule_count(state.opt_state))
     order = list(state.params)
@@ -235,16 +264,18 @@ def _train_update(graphdef, tx, schedule, frozen: Callable[[tuple], bool], compu
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_update(graphdef, optim: OptimConfig, compute_dtype, state_treedef, state_shardings: tuple):
-    """The jitted update for one model/optimizer/dtype/layout, shared by every TrainStep (one compile each)."""
+def _jitted_update(graphdef, optim: OptimConfig, compute_dtype, objective: Objective, state_treedef,
+                   state_shardings: tuple):
+    """The jitted update for one model/optimizer/dtype/objective/layout, shared by every TrainStep (one compile
+    each)."""
     state_sh = jax.tree.unflatten(state_treedef, state_shardings)
     mesh = _mesh_of(state_sh.params)
     tx, schedule = make_optimizer(optim), make_schedule(optim)
     pshard = state_sh.params if mesh is not None and mesh.size > 1 else None
 
     def update(state, batch, num_targets, groups):
-        return _train_update(graphdef, tx, schedule, optim.is_frozen, compute_dtype, pshard, state, batch,
-                             num_targets, groups)
+        return _train_update(graphdef, tx, schedule, optim.is_frozen, compute_dtype, pshard, objective, state,
+                             batch, num_targets, groups)
 
     out = (state_sh, _replicated(mesh)) if mesh is not None else None
     return jax.jit(update, static_argnums=(2, 3), donate_argnums=0, out_shardings=out)
@@ -264,15 +295,15 @@ class TrainStep:
     """`step(state, batch) -> (state, metrics)`: one jitted, sharded, accumulated AdamW update."""
 
     def __init__(self, graphdef, optim: OptimConfig, mesh=None, *, micro_batch: int | None = None,
-                 compute_dtype: Any = "float32", targets_multiple: int = 16):
+                 compute_dtype: Any = "float32", targets_multiple: int = 16, objective: Objective = SFT):
         # Optax transforms are pure: this tx and any other make_optimizer(optim) share one state layout.
         self.graphdef, self.optim, self.tx, self.mesh = graphdef, optim, make_optimizer(optim), mesh
         self.micro_batch, self.compute_dtype = micro_batch, jnp.dtype(compute_dtype)
-        self.targets_multiple = targets_multiple
+        self.targets_multiple, self.objective = targets_multiple, objective
 
     def _update_fn(self, state: TrainState):
         leaves, treedef = jax.tree.flatten(jax.tree.map(lambda a: _canonical(a.sharding), state))
-        return _jitted_update(self.graphdef, self.optim, self.compute_dtype, treedef, tuple(leaves))
+        return _jitted_update(self.graphdef, self.optim, self.compute_dtype, self.objective, treedef, tuple(leaves))
 
     def loss_groups(self, rows: int) -> int:
         """Row groups the LM-head targets are packed in: one per batch shard of a micro-batch (else 1)."""
@@ -281,7 +312,7 @@ class TrainStep:
 
     def put_batch(self, batch: dict[str, Any]) -> tuple[dict[str, jax.Array], int, int]:
         """Host batch [B, ...] -> device batch [B/micro, micro, ...] sharded over (data, fsdp); + target bound, groups."""
-        arrays = {k: np.asarray(batch[k]) for k in BATCH_KEYS if batch.get(k) is not None}
+        arrays = {k: np.asarray(batch[k]) for k in self.objective.keys if batch.get(k) is not None}
         for k in ("input_ids", "attention_mask", "loss_mask"):
             if k not in arrays:
                 raise TrainingError(f"SFT batch has no {k!r}; build it with mstar_jax.sft_batch.sft_batch")
@@ -292,12 +323,18 @@ class TrainStep:
         if "pixel_values" in arrays and arrays["pixel_values"].shape[0] != b:
             raise TrainingError(f"SFT batches need exactly one image per row: {arrays['pixel_values'].shape[0]} "
                                 f"images for {b} rows")
+        for k, a in arrays.items():  # a NaN input would train on garbage: refuse it before the step
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                rows = np.flatnonzero(~np.isfinite(a.reshape(b, -1)).all(axis=1)).tolist()
+                raise TrainingError(f"batch {k!r} holds NaN/inf in row(s) {rows}; no update was applied and the "
+                                    "state is unchanged")
         groups = self.loss_groups(micro)
-        num_targets = num_targets_bound(arrays["loss_mask"].reshape(b // micro, micro, -1), self.targets_multiple,
-                                        groups)
+        num_targets = 1 if not self.objective.shifted else num_targets_bound(
+            arrays["loss_mask"].reshape(b // micro, micro, -1), self.targets_multiple, groups)
         out = {}
         for k, a in arrays.items():
-            a = a.astype(np.float32 if k == "pixel_values" else np.int32).reshape(b // micro, micro, *a.shape[1:])
+            floating = np.issubdtype(a.dtype, np.floating)
+            a = a.astype(np.float32 if floating else np.int32).reshape(b // micro, micro, *a.shape[1:])
             if self.mesh is None:
                 out[k] = jnp.asarray(a)
             else:

@@ -37,7 +37,8 @@ class SafetensorsReader:
         elif (self.dir / SINGLE_NAME).is_file():
             self.files = None
         else:
-            shards = sorted(self.dir.glob("*.safetensors"))
+            # A PRM directory also holds its head (reward_head.safetensors), which is not a model shard.
+            shards = [p for p in sorted(self.dir.glob("*.safetensors")) if p.name != "reward_head.safetensors"]
             pickles = [p.name for pat in PICKLE_PATTERNS for p in self.dir.glob(pat)]
             if pickles:
                 raise CheckpointError(

@@ -23,8 +23,9 @@ SPECS = {
     "siglip_qwen2": TinySpec(vision="siglip", text="qwen2", tie_word_embeddings=True, vision_feature_layer=-1,
                              select_strategy="full", projector_act="gelu_pytorch_tanh", kv_heads=1),
     # CLIP + Phi-3 (fused qkv / gate_up), longrope like Phi-3.5 (switches factors past 16 tokens),
-    # two vision feature layers concatenated.
+    # two vision feature layers concatenated, a projector without biases.
     "clip_phi3": TinySpec(vision="clip", text="phi3", heads=4, kv_heads=4, vision_feature_layer=(-3, -1),
+                          projector_bias=False,
                           rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 16,
                                         "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                         "long_factor": [2.0 + 0.3 * i for i in range(8)]},
@@ -77,3 +78,20 @@ def hf_logits(model, batch) -> np.ndarray:
         out = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
                     pixel_values=torch.tensor(batch["pixel_values"]), position_ids=torch.tensor(pos))
     return out.logits.float().numpy()
+
+
+def kill_log(workdir: Path) -> Path:
+    """Where the smoke run logs the kill points it passes: beside its workdir, so copies of the workdir lack it."""
+    return workdir.with_name(workdir.name + ".kill_points.log")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(workdir, stdout) of one `mstar train --config smoke` run, shared by the session (loop and PRM tests)."""
+    from tests.loop.cli_helpers import mstar
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    # Every kill point it passes is logged: what the fault campaign draws from.
+    proc = mstar("train", "--config", "smoke", "--workdir", str(workdir), MSTAR_KILL_LOG=str(kill_log(workdir)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, proc.stdout

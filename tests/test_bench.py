@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 SAMPLER_FIELDS = {"mode", "n", "prompts", "max_new_tokens", "ours_tok_s", "hf_tok_s", "ratio", "ours_compile_s",
                   "ours_steady_s", "ours_first_call_s", "hf_s", "ours_peak_rss_mb", "hf_peak_rss_mb",
                   "greedy_identical", "nproc", "cpu", "threads", "params_m", "device_kind", "ours_prefill_s",
@@ -55,3 +57,16 @@ def test_bench_sampler_alternates_the_engines_timed_calls(tmp_path, capsys, monk
     assert len(rec["ratio_per_run"]) == len(rec["ours_runs_s"]) == len(rec["hf_runs_s"]) == 2
     assert all(r > 0 for r in rec["ratio_per_run"])
     assert min(rec["ratio_per_run"]) - 0.01 <= rec["ratio"] <= max(rec["ratio_per_run"]) + 0.01
+
+
+def test_bench_prm_label_prints_labels_per_second_of_both_engines(tmp_path, capsys):
+    from mstar_jax.cli import main
+
+    assert main(["bench", "prm-label", "--size", "tiny", "--workdir", str(tmp_path), "--responses", "2",
+                 "--completions", "2", "--max-new-tokens", "4", "--repeats", "1"]) == 0
+    (rec,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rec["step_labels"] == 2 * 5  # the bench response has 6 sentences: 5 prefixes to complete
+    assert rec["ours_prefill_calls_per_run"] == 1  # both responses in one prefill, all their prefixes from it
+    assert rec["ours_labels_per_s"] > 0 and rec["hf_labels_per_s"] > 0
+    assert rec["labels_ratio"] == pytest.approx(rec["ours_labels_per_s"] / rec["hf_labels_per_s"], rel=0.02)
+    assert rec["ours_completion_tokens"] <= 2 * 5 * 2 * 4 and rec["hf_completion_tokens"] <= 2 * 5 * 2 * 4

@@ -103,3 +103,27 @@ def test_an_override_of_the_wrong_type_is_one_line_through_the_cli(tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith(f"mstar train: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_written_before_the_prm_is_not_resumed_with_one(tmp_path):
+    """The PRM keys' defaults change what a run does: a workdir from before them (no prm section, mean-logprob
+    scorers) is refused under the new defaults, naming the keys, and resumes with the old values given."""
+    import json
+
+    from mstar_jax.loop.run import check_workdir_config
+
+    cfg = load_config("smoke")
+    stored = json.loads(cfg.to_json())
+    for section, key in (("train", "selection"), ("train", "scorer"), ("train", "threshold"),
+                         ("train", "threshold_step"), ("dynamics", "scorer"), ("data", "unlabeled"),
+                         ("data", "unlabeled_answers")):
+        del stored[section][key]
+    del stored["prm"], stored["unlabeled"]
+    stored["data"]["synth_sizes"]["unlabeled"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    old = ["--config.prm.enabled=False", "--config.train.scorer=mean_logprob", "--config.dynamics.scorer=mean_logprob",
+           "--config.unlabeled.enabled=False", "--config.data.synth_sizes.unlabeled=0"]
+    with pytest.raises(ConfigError) as err:
+        check_workdir_config(load_config("smoke", old[3:]), tmp_path)
+    assert "prm" in str(err.value) and "dynamics.scorer" in str(err.value)
+    check_workdir_config(load_config("smoke", old), tmp_path)  # the earlier behaviour, spelled out: accepted

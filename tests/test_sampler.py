@@ -356,3 +356,37 @@ def test_eight_devices_give_the_same_greedy_tokens(tiny_models, policies, tmp_pa
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.parametrize("name", ["clip_llama", "siglip_qwen2"])
+def test_completions_from_step_prefixes_equal_generate_on_each_prefix(policies, name):
+    """`complete` prefills prompt + response once and continues from several cuts of that one cache (the PRM's
+    Monte Carlo labels); each cut's samples equal `generate` on prompt + prefix, greedy and sampled."""
+    policy = policies[name]
+    sampler = sampler_for(policy)
+    tok = policy.processor.tokenizer
+    imgs = random_images(5, [(40, 52), (33, 30)])
+    prompts = ["What does the left die show?", "How many dots?"]
+    conts = [tok("The left die shows 3. The right die shows 5. 3 + 5 = 8.", add_special_tokens=False)["input_ids"],
+             tok("Count them. There are 4.", add_special_tokens=False)["input_ids"]]
+    cuts = [[2, 6, len(conts[0])], [0, 3]]
+
+    def reference(i, c, n, temperature):
+        base = sampler.prompts_from([[imgs[i]]], [prompts[i]])[0]
+        ids = np.concatenate([base.ids, np.asarray(conts[i][:c], np.int32)])[None]
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": base.pixels}
+        return sampler.generate(policy.params, batch=batch, n=n, temperature=temperature, max_new_tokens=6,
+                                seed=11)[0]
+
+    greedy = sampler.complete(policy.params, [[im] for im in imgs], prompts, conts, cuts, n=1, temperature=0.0,
+                              max_new_tokens=6)
+    for i in range(2):
+        assert [[x.token_ids for x in g] for g in greedy[i]] == [[reference(i, c, 1, 0.0)[0].token_ids]
+                                                                for c in cuts[i]]
+    # Sample j of cut s draws as sample s*n + j of its prompt index (0 here, as in a one-prompt generate).
+    sampled = sampler.complete(policy.params, [[imgs[0]]], prompts[:1], conts[:1], cuts[:1], n=3, temperature=1.0,
+                               max_new_tokens=6, seed=11, indices=[0])
+    for s_index, c in enumerate(cuts[0]):
+        ref = reference(0, c, 3 * (s_index + 1), 1.0)[3 * s_index:]
+        assert [x.token_ids for x in sampled[0][s_index]] == [x.token_ids for x in ref]
+    assert len({tuple(x.token_ids) for cut in sampled[0] for x in cut}) > 1

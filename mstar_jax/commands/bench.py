@@ -14,6 +14,12 @@ def register(subparsers) -> None:
     s = sub.add_parser("sampler", help="our sampler vs transformers generate, n samples per prompt")
     add_sampler_args(s)
     s.set_defaults(handler=_run("mstar_jax.bench.sampler", "bench_sampler"))
+    from mstar_jax.bench.prm_label import add_prm_label_args
+
+    lab = sub.add_parser("prm-label", help="PRM step-label completions: our shared-prefix sampler vs a transformers "
+                                           "generate loop over prefixes")
+    add_prm_label_args(lab)
+    lab.set_defaults(handler=_run("mstar_jax.bench.prm_label", "bench_prm_label"))
     try:
         train = importlib.import_module("mstar_jax.bench.train")
     except ModuleNotFoundError as err:

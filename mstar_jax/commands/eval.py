@@ -36,7 +36,12 @@ def register(subparsers) -> None:
     p.add_argument("--metric", default="auto", choices=METRIC_CHOICES,
                    help="auto: the benchmark's official metric (MMBench: circular, others: accuracy); circular / "
                         "first_copy: MMBench CircularEval or its unrotated copies only; accuracy: every row alone")
-    p.add_argument("--n", type=int, default=1, help="sampled responses per item for Pass@N (1 = greedy only)")
+    p.add_argument("--n", type=_counts, default=[1],
+                   help="sampled responses per item for Pass@N (1 = greedy only); with --verifier a list such as "
+                        "2,4,8,16 (the largest is sampled, each N uses the first N)")
+    p.add_argument("--verifier", default=None, metavar="PRM",
+                   help="a PRM (`mstar prm train` output or its HF export): Best-of-N, weighted and majority voting "
+                        "and Pass@N over --n, written to verifier.json / .md / .png")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the Pass@N samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the Pass@N samples")
     p.add_argument("--reasoning-only", action="store_true",
@@ -53,18 +58,37 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run_eval_command)
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--n takes a number or a comma-separated list of numbers, got {text!r}") from None
+
+
 def run_eval_command(args) -> int:
     """The handler: evaluate, print the tables and where the files went."""
     import sys
 
-    from mstar_jax.benchmark_eval import evaluate_checkpoint
+    from mstar_jax.benchmark_eval import evaluate_checkpoint, load_benchmark, verify_responses
+    from mstar_jax.errors import MstarError
     from mstar_jax.evaluation import results_markdown
 
+    if len(args.n) > 1 and not args.verifier:
+        raise MstarError(f"--n {','.join(map(str, args.n))}: a list of N needs --verifier PRM")
+    n = max(args.n)
     result, paths = evaluate_checkpoint(
-        args.ckpt, args.benchmark, args.data, root=args.root, split=args.split, n=args.n,
+        args.ckpt, args.benchmark, args.data, root=args.root, split=args.split, n=n,
         temperature=args.temperature, top_p=args.top_p, reasoning_only=args.reasoning_only, metric=args.metric,
         out=args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prompt=args.prompt,
         limit=args.limit, seed=args.seed, dtype=args.dtype, log=lambda msg: print(msg, file=sys.stderr))
     print(results_markdown(result), end="")
     print(f"wrote {paths['json']}, {paths['markdown'].name} and {paths['responses'].name} in {paths['json'].parent}")
+    if args.verifier:
+        bench = load_benchmark(args.data, args.benchmark, root=args.root, split=args.split,
+                               reasoning_only=args.reasoning_only, limit=args.limit, metric=args.metric)
+        verdict, vpaths = verify_responses(result, bench["records"], bench["root"], args.verifier, args.n,
+                                           paths["json"].parent, dtype=args.dtype,
+                                           log=lambda msg: print(msg, file=sys.stderr))
+        print(vpaths["markdown"].read_text().split("\n", 2)[2], end="")
+        print(f"wrote {vpaths['json'].name}, {vpaths['markdown'].name} and {vpaths['plot'].name}")
     return 0

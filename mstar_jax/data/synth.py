@@ -29,8 +29,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mstar_jax.io import write_atomic
+
 SPLITS = ("warmup", "train", "unlabeled", "val", "test_id", "test_ood")
 MATHV360K_SPLITS = ("warmup", "train", "unlabeled")
+HIDDEN_ANSWERS = "unlabeled_answers.json"
 DEFAULT_SIZES = {"warmup": 256, "train": 1024, "unlabeled": 256, "val": 128, "test_id": 256, "test_ood": 256}
 # MathVista's metadata.task names; evaluation reports them by their usual abbreviations.
 TASKS = {"FQA": "figure question answering", "GPS": "geometry problem solving", "MWP": "math word problem",
@@ -545,12 +548,17 @@ def generate(out: str | Path, cfg: SynthConfig | None = None, *, log: Callable[[
                         else _mathvista_row(it, split, rel, cfg.image_size))
         data: Any = rows if split in MATHV360K_SPLITS else {r["pid"]: r for r in rows}
         path = out / f"{split}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False), publish=False)
         manifest["files"][split] = {"file": path.name, "format": "mathv360k" if split in MATHV360K_SPLITS
                                     else "mathvista", "count": len(rows), "labeled": split != "unlabeled"}
+        if split == "unlabeled":
+            # The hidden answers, apart from the questions: read only by the oracle variant and to measure how
+            # often pseudo labels are right (paper 3.4), never to train.
+            hidden = {it["id"]: {k: it[k] for k in ("answer", "answer_type", "choices", "precision")} for it in items}
+            write_atomic(out / HIDDEN_ANSWERS, json.dumps(hidden, indent=1, sort_keys=True), publish=False)
+            manifest["files"]["unlabeled_answers"] = {"file": HIDDEN_ANSWERS, "count": len(hidden)}
         if log:
             log(f"synth: wrote {len(rows)} {split} items to {path}")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    # Last, and atomically: the manifest marks the dataset complete.
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True), publish=False)
     return manifest

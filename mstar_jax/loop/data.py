@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from mstar_jax.config import section_seed
+from mstar_jax.data.synth import HIDDEN_ANSWERS
 from mstar_jax.errors import DataError
 from mstar_jax.loop.rollouts import Query
 from mstar_jax.workdir import publish
 
-SPLITS = ("warmup", "train", "val", "test_id", "test_ood")
+SPLITS = ("warmup", "train", "unlabeled", "val", "test_id", "test_ood")
 
 
 def queries_from_records(records, root: Path) -> list[Query]:
@@ -27,21 +28,23 @@ def _synth(out: Path, seed: int, sizes: dict, d, say) -> Path:
     from mstar_jax.data.synth import SynthConfig, generate
 
     if not (out / "manifest.json").exists():
-        optional = {k: d[k] for k in ("mc_fraction", "families") if k in d}  # absent: SynthConfig's defaults
         generate(out, SynthConfig(seed=seed, sizes=dict(sizes), image_size=d.image_size, difficulty=d.difficulty,
-                                  **optional))
+                                  mc_fraction=d.mc_fraction, families=d.families))
         publish(out, last="manifest.json")  # the manifest marks the data complete
         say(f"synthetic data: generated {sum(sizes.values())} items in {out}")
     return out
 
 
-def _read_queries(path: Path, root: Path, say) -> list[Query]:
+def _read_queries(path: Path, root: Path, say, labeled: bool = True) -> list[Query]:
     """One data file through the real readers (skipped records reported) -> loop queries."""
     from mstar_jax.data.readers import read_dataset
 
-    records, report = read_dataset(path, root=root)
+    try:
+        records, report = read_dataset(path, root=root, labeled=labeled)
+    except UnicodeDecodeError as err:  # until the readers report it themselves
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from None
     if report.skipped:
-        say(f"{path}: {report.summary()}")
+        say(report.summary())  # it names the file
     return queries_from_records(records, root)
 
 
@@ -63,10 +66,45 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
     for name, path in files.items():
         if not path.is_file():
             raise DataError(f"{path}: data file for split {name!r} not found")
-        splits[name] = _read_queries(path, root if root is not None else path.parent, say)
+        splits[name] = _read_queries(path, root if root is not None else path.parent, say, name != "unlabeled")
+    if "unlabeled" in splits:
+        answers = root / HIDDEN_ANSWERS if d.source == "synthetic" else (Path(d.unlabeled_answers)
+                                                                          if d.unlabeled_answers else None)
+        splits["unlabeled"] = with_hidden_answers(splits["unlabeled"], answers, root, say)
     if not cfg.model.path:
         splits["pretrain"] = _pretrain_queries(cfg, workdir, say)
     return splits
+
+
+def with_hidden_answers(queries: list[Query], path: Path | None, root: Path | None, say) -> list[Query]:
+    """Unlabeled queries with their hidden answers attached, when a file has them: a JSON {id: answer or
+    {answer, answer_type, choices, precision}} or a dataset file the readers know. The loop reads them only for
+    the oracle variant and to measure pseudo labels."""
+    import json
+
+    if path is None:
+        return queries
+    if not path.is_file():
+        raise DataError(f"{path}: hidden answers of the unlabeled split not found")
+    table: dict[str, dict] = {}
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = None
+    if isinstance(raw, dict) and all(isinstance(v, (str, int, float, dict)) for v in raw.values()) and \
+            not any(isinstance(v, dict) and "question" in v for v in raw.values()):
+        table = {str(k): (v if isinstance(v, dict) else {"answer": str(v)}) for k, v in raw.items()}
+    else:
+        for q in _read_queries(path, root if root is not None else path.parent, say):
+            table[q.id] = {k: q.item.get(k) for k in ("answer", "answer_type", "choices", "precision",
+                                                       "question_type")}
+    out, found = [], 0
+    for q in queries:
+        extra = table.get(q.id)
+        found += extra is not None
+        out.append(Query(q.id, q.images, {**q.item, **extra}) if extra else q)
+    say(f"unlabeled split: hidden answers of {found}/{len(queries)} queries (for monitoring and the oracle only)")
+    return out
 
 
 def _pretrain_queries(cfg, workdir: Path, say) -> list[Query]:
@@ -79,7 +117,7 @@ def _pretrain_queries(cfg, workdir: Path, say) -> list[Query]:
     """
     p = cfg.model.pretrain
     n = int(p.queries)
-    fraction = float(p.get("ood_fraction", 0.0))
+    fraction = float(p.ood_fraction)
     if not 0.0 <= fraction <= 1.0:
         raise DataError(f"model.pretrain.ood_fraction must be in [0, 1], got {fraction}")
     n_ood = int(round(n * fraction))

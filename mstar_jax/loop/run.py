@@ -1,7 +1,7 @@
 """`mstar train`: the whole recipe as resumable stages in one workdir.
 
-    data -> base model -> base eval -> warm-up (rollouts, SFT, eval) -> self-evolving iterations -> final eval
-         -> report.md, plots, export/
+    data -> base model -> base eval -> warm-up (rollouts, SFT, eval) -> PRM (labels, training, verifier)
+         -> self-evolving iterations -> final eval -> report.md, plots, export/ (+ prm/export/)
 
 Each stage writes its outputs atomically and is skipped when they exist, so the same command on the same
 workdir continues where it stopped (also after `kill -9`); the iterations resume from the last Orbax checkpoint
@@ -17,9 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from mstar_jax.config import default_values, diff_configs
+from mstar_jax.config import diff_configs, resume_defaults
 from mstar_jax.errors import ConfigError
-from mstar_jax.reporting import write_atomic
+from mstar_jax.io import write_atomic
 from mstar_jax.workdir import Workdir, publish
 
 
@@ -42,7 +42,11 @@ def check_workdir_config(cfg, workdir: Workdir | str | Path, ignore: tuple[str, 
     current = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in ignore}
     if path.exists():
         previous = json.loads(path.read_text())
-        diffs = diff_configs(previous, current, defaults=default_values())
+        # A section added since (the PRM, unlabeled prompts) that is switched off is what an older workdir ran,
+        # whatever its other keys hold.
+        compared = {k: v for k, v in current.items()
+                    if k in previous or not (isinstance(v, dict) and v.get("enabled") is False)}
+        diffs = diff_configs(previous, compared, defaults=resume_defaults())
         if diffs:
             raise ConfigError(f"{wd.url} was made with a different config; differing keys: " + "; ".join(diffs)
                               + ". Use a new --workdir or the original config.")
@@ -51,9 +55,12 @@ def check_workdir_config(cfg, workdir: Workdir | str | Path, ignore: tuple[str, 
 
 
 def stage_records(results: dict[str, dict]) -> list[dict]:
-    """metrics.jsonl records of the evaluation stages (rebuilt from their result files on resume)."""
+    """metrics.jsonl records of the evaluation and PRM stages (rebuilt from their result files on resume)."""
     out = []
     for stage, res in results.items():
+        if stage == "prm":
+            out += prm_records(res)
+            continue
         for split in ("test_id", "test_ood"):
             if split in res:
                 out.append({"stage": f"eval/{stage}", "split": split, "accuracy": res[split]["accuracy"],
@@ -81,29 +88,49 @@ class IterationCheckpoints:
 
     def save_iteration(self, state, loop) -> None:
         """Save after an iteration (step key = iterations completed) and wait, so a kill loses nothing."""
+        self.save_step(loop.iteration, state, loop.to_json(), what="iteration")
+
+    def save_step(self, step: int, state, meta: dict, what: str = "step") -> None:
+        """Save `state` with its metadata under `step` and wait; exit cleanly after a preemption signal."""
         from mstar_jax.faults import kill_point
 
-        self.manager.save(loop.iteration, state, loop.to_json())
-        kill_point("checkpoint_write")  # the async write is in flight here
+        self.manager.save(step, state, meta)
+        kill_point("checkpoint_write", f"{what} {step}")  # the async write is in flight here
         self.manager.wait()
         if self.manager.preempted:
-            raise SystemExit(f"preempted: saved iteration {loop.iteration}; rerun the same command to resume")
+            raise SystemExit(f"preempted: saved {what} {step}; rerun the same command to resume")
 
     def close(self) -> None:
         """Finish pending saves."""
         self.manager.close()
 
 
+def prm_records(res: dict) -> list[dict]:
+    """metrics.jsonl records of the PRM stages: label statistics, training metrics, verifier curves."""
+    out = []
+    if "labels" in res:
+        lab = res["labels"]
+        out.append({"stage": "prm/labels", **{k: v for k, v in lab.items() if isinstance(v, (int, float))},
+                    **{f"short/{k}": v for k, v in lab.get("balance", {}).get("short", {}).items()}})
+    if "train" in res:
+        out.append({"stage": "prm/train", **{k: v for k, v in res["train"].items() if isinstance(v, (int, float))}})
+    for split, ver in res.get("verifier", {}).items():
+        for n, c in ver["curves"].items():
+            out.append({"stage": "prm/verifier", "split": split, "n": int(n), **c})
+    return out
+
+
 @dataclasses.dataclass
 class Prepared:
-    """What the self-evolving stage starts from: the policy and its sampler, the splits, the warm-up model and the
-    base / warm-up evaluations."""
+    """What the self-evolving stage starts from: the policy and its sampler, the splits, the warm-up model, the
+    base / warm-up evaluations and the PRM (None when the run uses none)."""
 
     policy: object
     sampler: object
     splits: dict
     warm: object
     results: dict
+    prm: object = None
 
 
 def run_train(cfg, workdir: str | Path) -> dict:
@@ -113,7 +140,7 @@ def run_train(cfg, workdir: str | Path) -> dict:
     prep = prepare(cfg, wd, say)
     final, final_params = run_self_evolving(cfg, wd, prep, say)
     results = {**prep.results, "final": final}
-    finish(cfg, wd, prep.policy, final_params, results, say)
+    finish(cfg, wd, prep.policy, final_params, results, say, prep.prm)
     return results
 
 
@@ -129,26 +156,26 @@ def open_workdir(workdir: str | Path, say) -> Workdir:
     return wd
 
 
-def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = ()) -> Prepared:
-    """The stages before self-evolving: data -> base model -> base eval -> warm-up (rollouts, SFT) -> warm-up eval."""
+def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = (), with_prm: bool = True) -> Prepared:
+    """The stages before self-evolving: data -> base model -> base eval -> warm-up (rollouts, SFT) -> warm-up eval
+    -> PRM (unless `with_prm` is False)."""
     from mstar_jax import sharding
     from mstar_jax.conversion import LoadedModel, load_any, save_converted
     from mstar_jax.loop import data as loop_data
     from mstar_jax.loop.base_model import build_base_model
     from mstar_jax.loop.evaluate import evaluate_stage
+    from mstar_jax.loop.plan import validate
     from mstar_jax.loop.sft import Trainer
     from mstar_jax.loop.warmup import warmup_examples, warmup_rollouts
+    from mstar_jax.prm.stage import check_scorer_config, prm_stage
     from mstar_jax.policy import Policy, load_processor
     from mstar_jax.sampler import sampler_for
 
     if not cfg.model.path and cfg.data.source != "synthetic":
         raise ConfigError("model.path is empty: set --config.model.path to an HF LLaVA directory or a converted "
                           "checkpoint (only the synthetic demo builds its own tiny base model)")
-    if (cfg.model.dtype or "float32") != "float32":
-        # Before hours of base evaluation: the training state would refuse these master weights anyway.
-        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: the loaded policy holds the master weights that "
-                          "training updates, which need float32 (AdamW steps of lr ~1e-6 vanish in bfloat16); "
-                          "set model.dtype=float32 and train.compute_dtype=bfloat16 for bf16 compute")
+    validate(cfg)  # every setting the run would refuse later, before hours of base evaluation
+    check_scorer_config(cfg)
     wd = Workdir.open(workdir)
     workdir = wd.local
     check_workdir_config(cfg, wd, ignore)
@@ -194,7 +221,30 @@ def prepare(cfg, workdir: Workdir | str | Path, say, ignore: tuple[str, ...] = (
     results["warmup"] = evaluate_stage(sampler, warm.params, splits, cfg, workdir / "results" / "warmup.json",
                                        "warmup")
     say(f"+warm-up eval: {_acc_line(results['warmup'])}")
-    return Prepared(policy, sampler, splits, warm, results)
+    prep = Prepared(policy, sampler, splits, warm, results)
+    if not with_prm:
+        return prep
+    prep.prm = prm_stage(cfg, wd, prep, say)
+    if prep.prm is not None:
+        results["prm"] = _prm_results(cfg, wd, prep, say)
+    return prep
+
+
+def _prm_results(cfg, wd: Workdir, prep: Prepared, say) -> dict:
+    """results/prm.json (labels, training) plus the verifier curves of the warm-up policy (paper figure 2a)."""
+    from mstar_jax.prm.stage import verify_stage
+
+    path = wd.local / "results" / "prm.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    verifier = {}
+    for split in cfg.prm.verify.splits:
+        if prep.splits.get(split):
+            out = verify_stage(cfg, wd, prep.sampler, prep.warm.params, prep.splits[split], prep.prm, say, split)
+            if out is not None:
+                verifier[split] = out
+    if verifier:
+        res["verifier"] = verifier
+    return res
 
 
 def run_self_evolving(cfg, workdir: Workdir | str | Path, prep: Prepared, say):
@@ -222,10 +272,16 @@ def run_self_evolving(cfg, workdir: Workdir | str | Path, prep: Prepared, say):
         loop = LoopState(**meta)
         say(f"resuming after iteration {loop.iteration} (T={loop.temperature:g})")
     metrics = MetricsLog(workdir, records=stage_records(prep.results) + loop.records)
+    scorers = {"mean_logprob": MeanLogprobScorer(), **({"prm": prep.prm} if prep.prm is not None else {})}
     run = SelfEvolvingRun(cfg, workdir, policy, trainer, warm.params, splits["train"], splits.get("val", []),
-                          MeanLogprobScorer(), metrics, ckpts)
-    say(f"self-evolving: {cfg.train.method}, {run.num_iterations} iterations of {cfg.train.interval:.2%} of "
-        f"{len(splits['train'])} queries, K={cfg.train.num_samples}, "
+                          scorers, metrics, ckpts, unlabeled=splits.get("unlabeled", []))
+    selection = cfg.train.selection + (f" (k={cfg.train.rerank_top}, {cfg.train.scorer})" if cfg.train.selection in (
+        "top_k", "threshold") else f" (k={cfg.train.rerank_top})" if cfg.train.selection == "random_k" else "")
+    say(f"self-evolving: {cfg.train.method}, {run.describe_length()} of {cfg.train.interval:.2%} of "
+        f"{len(splits['train'])} queries, K={cfg.train.num_samples}, selection {selection}, "
+        f"Reward-Pass@2 by {cfg.dynamics.scorer}, "
+        + (f"unlabeled prompts ({cfg.unlabeled.mode}) from {cfg.unlabeled.start:.0%} of the run, "
+           if cfg.unlabeled.enabled else "") +
         f"{'adaptive' if cfg.adaptive.enabled else 'fixed'} temperature from T={loop.temperature:g}, "
         f"LR schedule of {trainer.total_steps} steps")
     state, loop = run.run(state, loop)
@@ -239,8 +295,9 @@ def run_self_evolving(cfg, workdir: Workdir | str | Path, prep: Prepared, say):
     return final, state.params
 
 
-def finish(cfg, workdir: Workdir | str | Path, policy, params, results: dict, say) -> None:
-    """report.md, dynamics plots and the HF export (written in the mirror and uploaded, for a gs:// workdir)."""
+def finish(cfg, workdir: Workdir | str | Path, policy, params, results: dict, say, prm=None) -> None:
+    """report.md, dynamics plots and the HF exports of the policy and the PRM (written in the mirror and uploaded,
+    for a gs:// workdir)."""
     from mstar_jax.conversion import LoadedModel, export_hf
     from mstar_jax.loop.report import write_report
     from mstar_jax.reporting import plot_dynamics
@@ -251,7 +308,7 @@ def finish(cfg, workdir: Workdir | str | Path, policy, params, results: dict, sa
     plots = plot_dynamics(records, workdir / "plots")
     write_report(workdir / "report.md", {"base": results["base"], "+warm-up": results["warmup"],
                                          cfg.train.method + (" + adaptive T" if cfg.adaptive.enabled else ""):
-                                         results["final"]}, records, plots)
+                                         results["final"]}, records, plots, results.get("prm"))
     say(f"report: {wd.show('report.md')}; plots: {len(plots)} in {wd.show('plots')}")
     if cfg.export.enabled:
         final = LoadedModel(policy.loaded.cfg, policy.graphdef, params, policy.loaded.extras, policy.loaded.layout,
@@ -259,6 +316,10 @@ def finish(cfg, workdir: Workdir | str | Path, policy, params, results: dict, sa
         export_hf(final, workdir / "export", dtype=cfg.export.dtype or None, overwrite=True)
         publish(workdir / "export", last="config.json")
         say(f"exported the final policy for transformers: {wd.show('export')}")
+        if prm is not None and not cfg.prm.path:
+            prm.export_hf(workdir / "prm" / "export", dtype=cfg.export.dtype or None, overwrite=True)
+            publish(workdir / "prm" / "export", last="config.json")
+            say(f"exported the PRM (backbone for transformers + reward_head.safetensors): {wd.show('prm/export')}")
 
 
 def _acc_line(res: dict) -> str:

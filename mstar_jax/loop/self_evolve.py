@@ -26,7 +26,7 @@ import numpy as np
 from mstar_jax.errors import ConfigError, TrainingError
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.dynamics import DynamicsInput, dynamics_metrics
-from mstar_jax.loop.rollouts import Query, make_rollouts, read_rollouts, sample_queries, write_rollouts
+from mstar_jax.loop.rollouts import Query, make_rollouts, reusable_rollouts, sample_queries, write_rollouts
 from mstar_jax.loop.selection import select_responses
 from mstar_jax.loop.temperature import choose_temperature, pooled_metric, temperature_grid
 
@@ -52,18 +52,28 @@ def iteration_slice(num_queries: int, interval: float, iteration: int, seed: int
 
 
 def total_iterations(interval: float, passes: float) -> int:
-    """Iterations in a run of `passes` passes over the query set."""
+    """Iterations in a run of `passes` passes over the query set (passes 0: the step budget decides, see
+    `budget_iterations`)."""
+    if passes <= 0:
+        return 0
     return max(1, int(math.ceil(iterations_per_pass(interval) * passes)))
+
+
+# A run sized by train.total_steps (train.passes = 0) stops once its schedule is spent, or after this many
+# iterations should every one of them find nothing to train on.
+MAX_BUDGET_ITERATIONS = 10_000
 
 
 def continuous_schedule_steps(cfg, num_queries: int, trainer) -> int:
     """Length of the one LR schedule of a continuous run: `train.total_steps`, or an estimate that assumes
     half of the K samples are kept (at most M per query, at most the re-ranker's top N) for every query of
     every iteration."""
-    if getattr(cfg.train, "total_steps", 0):
+    if cfg.train.total_steps:
         return int(cfg.train.total_steps)
+    if cfg.train.passes <= 0:
+        raise ConfigError("train.passes = 0 sizes the run by its step budget: set train.total_steps too")
     iters = total_iterations(cfg.train.interval, cfg.train.passes)
-    per_query = min(cfg.train.max_per_query or cfg.train.num_samples, cfg.train.get("rerank_top") or
+    per_query = min(cfg.train.max_per_query or cfg.train.num_samples, cfg.train.rerank_top or
                     cfg.train.num_samples, max(1, cfg.train.num_samples // 2))
     per_iter = num_queries / iterations_per_pass(cfg.train.interval) * per_query
     return iters * trainer.num_steps(max(1, int(per_iter)), cfg.train.epochs)
@@ -76,43 +86,55 @@ class LoopState:
     iteration: int = 0
     temperature: float = 1.0
     records: list[dict] = dataclasses.field(default_factory=list)
+    threshold: float | None = None  # selection=threshold: the alpha chosen on the validation set
+    unlabeled_from: int | None = None  # the first iteration that mixed unlabeled prompts in
 
     def to_json(self) -> dict:
         """JSON-ready dict."""
         return dataclasses.asdict(self)
 
 
-def training_examples(queries: Sequence[Query], rollouts, cfg) -> list[tuple[Query, str, str]]:
-    """(query, CoT prompt, response) pairs chosen from the rollouts of one iteration."""
+def training_examples(queries: Sequence[Query], rollouts, cfg, threshold: float | None = None,
+                      iteration: int = 0) -> list[tuple[Query, str, str]]:
+    """(query, CoT prompt, response) pairs chosen from the rollouts of one iteration by `train.selection`."""
     by_id = {q.id: q for q in queries}
+    t = cfg.train
     out = []
-    for r in rollouts:
-        keep = select_responses(r.texts, r.correct, r.scores, cfg.train.rerank_top or None,
-                                cfg.train.max_per_query)
+    for k, r in enumerate(rollouts):
+        rng = np.random.default_rng([int(cfg.seed), 211, int(iteration), k, 0 if r.kind == "labeled" else 1])
+        keep = select_responses(r.texts, r.correct, r.scores, int(t.rerank_top) or None, t.max_per_query,
+                                mode=t.selection, threshold=threshold, rng=rng)
         q = by_id[r.query_id]
         out += [(q, P.cot_prompt(q.item), r.texts[i]) for i in keep]
     return out
 
 
-def measure_dynamics(sampler, params, val: Sequence[Query], cfg, scorer, iteration: int) -> list[dict]:
-    """Greedy, Pass@K, Pass@K-Greedy, Reward-Pass@2 on the validation set at each grid temperature."""
+def measure_dynamics(sampler, params, val: Sequence[Query], cfg, scorers: dict, iteration: int) -> list[dict]:
+    """Greedy, Pass@K, Pass@K-Greedy, Reward-Pass@2 on the validation set at each grid temperature.
+
+    `reward_pass@2` ranks by `dynamics.scorer`; `reward_pass@2/<name>` is the same metric for every scorer in
+    `scorers` (the PRM next to the mean log-probability)."""
+    from mstar_jax.loop.dynamics import reward_pass_at
+    from mstar_jax.loop.rollouts import scoring_items
+    from mstar_jax.loop.evaluate import greedy_responses
     from mstar_jax.loop.rollouts import check_samples
 
     d = cfg.dynamics
     common = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.batch_size,
                   top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, progress=True)
-    greedy = sample_queries(sampler, params, val, P.cot_prompt, n=1, temperature=0.0, seed=0,
-                            desc=f"dynamics it{iteration} greedy", **common)
-    greedy_ok = np.array([c[0] for c in check_samples(val, greedy)], bool)
+    greedy_ok = np.array(greedy_responses(sampler, params, val, cfg, f"dynamics it{iteration} greedy")[1], bool)
     rows = []
     for t_index, t in enumerate(temperature_grid(d.grid_low, d.grid_high, d.grid_step)):
         samples = sample_queries(sampler, params, val, P.cot_prompt, n=d.num_samples, temperature=t,
                                  seed=_seed(cfg.seed, 31, iteration, t_index), desc=f"dynamics it{iteration} T={t:g}",
                                  **common)
         correct = np.array(check_samples(val, samples), bool)
-        scores = np.array(scorer.score([q.item for q in val], samples), float)
-        m = dynamics_metrics(DynamicsInput(greedy_ok, correct, scores))
-        rows.append({"stage": "dynamics", "iteration": iteration, "temperature": t, "scorer": scorer.name, **m})
+        items = scoring_items(val)
+        scores = {name: np.array(sc.score(items, samples), float) for name, sc in scorers.items()}
+        m = dynamics_metrics(DynamicsInput(greedy_ok, correct, scores[cfg.dynamics.scorer]))
+        extra = {f"reward_pass@2/{name}": reward_pass_at(correct, sc) for name, sc in scores.items()}
+        rows.append({"stage": "dynamics", "iteration": iteration, "temperature": t, "scorer": cfg.dynamics.scorer,
+                     **m, **extra})
     return rows
 
 
@@ -130,16 +152,42 @@ class SelfEvolvingRun:
     """Drives the iterations of one method from a warm-up checkpoint, resuming from the workdir."""
 
     def __init__(self, cfg, workdir: Path, policy, trainer, warmup_params, queries: Sequence[Query],
-                 val: Sequence[Query], scorer, metrics_log, ckpt_manager):
+                 val: Sequence[Query], scorers: dict, metrics_log, ckpt_manager,
+                 unlabeled: Sequence[Query] = ()):
         if cfg.train.method not in METHODS:
             raise ConfigError(f"train.method {cfg.train.method!r} is not one of {', '.join(METHODS)}")
         self.cfg, self.workdir, self.policy, self.trainer = cfg, Path(workdir), policy, trainer
         self.warmup_params, self.queries, self.val = warmup_params, list(queries), list(val)
-        self.scorer, self.log, self.ckpt = scorer, metrics_log, ckpt_manager
+        self.unlabeled = list(unlabeled) if cfg.unlabeled.enabled else []
+        if cfg.unlabeled.enabled and not self.unlabeled:
+            raise ConfigError("unlabeled.enabled but the run has no unlabeled queries (data.synth_sizes.unlabeled / "
+                              "data.unlabeled)")
+        self.scorers, self.log, self.ckpt = dict(scorers), metrics_log, ckpt_manager
+        # Selection reads the scores of `train.scorer`; `all` and `random_k` need none.
+        self.scorer = self.scorers[cfg.train.scorer] if cfg.train.selection in ("top_k", "threshold") else None
+        self.prm = self.scorers.get("prm")
         from mstar_jax.sampler import sampler_for
 
         self.sampler = sampler_for(policy)
-        self.num_iterations = total_iterations(cfg.train.interval, cfg.train.passes)
+        self.num_iterations = total_iterations(cfg.train.interval, cfg.train.passes)  # 0: by the step budget
+
+    def describe_length(self) -> str:
+        """How long the run is, for the stage line."""
+        if self.num_iterations:
+            return f"{self.num_iterations} iterations"
+        return f"iterations until the {self.trainer.total_steps}-step schedule is spent"
+
+    def done(self, loop: LoopState, state) -> bool:
+        """Whether the run is complete (every planned iteration, or the step budget spent)."""
+        if self.num_iterations:
+            return loop.iteration >= self.num_iterations
+        return int(state.step) >= self.trainer.total_steps or loop.iteration >= MAX_BUDGET_ITERATIONS
+
+    def progress(self, loop: LoopState, state) -> float:
+        """The share of the run done before the current iteration (by iterations, or by steps)."""
+        if self.num_iterations:
+            return loop.iteration / self.num_iterations
+        return int(state.step) / max(1, self.trainer.total_steps)
 
     def rollouts_path(self, iteration: int) -> Path:
         """Where an iteration's rollouts live (reused on resume)."""
@@ -148,35 +196,94 @@ class SelfEvolvingRun:
     def rollouts(self, params, iteration: int, temperature: float):
         """Generate (or reuse) the iteration's rollouts."""
         path = self.rollouts_path(iteration)
-        if path.exists():
-            log.info("iteration %d: reusing %s", iteration, path)
-            return read_rollouts(path)
         idx = iteration_slice(len(self.queries), self.cfg.train.interval, iteration, self.cfg.seed)
         queries = [self.queries[i] for i in idx]
+        reused = reusable_rollouts(path, queries, temperature)
+        if reused is not None:
+            log.info("iteration %d: reusing %s", iteration, path)
+            return reused
         s = self.cfg.sampling
         samples = sample_queries(self.sampler, params, queries, P.cot_prompt, n=self.cfg.train.num_samples,
                                  temperature=temperature, seed=_seed(self.cfg.seed, 17, iteration),
                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, top_p=s.top_p,
                                  top_k=s.top_k, desc=f"iteration {iteration} rollouts T={temperature:g}",
                                  kill_point_name="rollouts")
-        rollouts = make_rollouts(queries, samples, P.cot_prompt, self.scorer)
+        rollouts = make_rollouts(queries, samples, P.cot_prompt, self.scorer, temperature)
         write_rollouts(path, rollouts)
         return rollouts
+
+    def unlabeled_rollouts(self, params, loop: LoopState, state):
+        """The iteration's unlabeled rollouts once the run has reached `unlabeled.start` (else [])."""
+        from mstar_jax.loop.unlabeled import unlabeled_rollouts
+
+        if not self.unlabeled or self.progress(loop, state) < float(self.cfg.unlabeled.start) - 1e-9:
+            return []
+        if loop.unlabeled_from is None:
+            loop.unlabeled_from = loop.iteration
+        i = loop.iteration
+        idx = iteration_slice(len(self.unlabeled), self.cfg.train.interval, i - loop.unlabeled_from,
+                              self.cfg.seed + 1)
+        path = self.workdir / "rollouts" / f"iter_{i:04d}_unlabeled.jsonl"
+        return unlabeled_rollouts(self.sampler, params, [self.unlabeled[k] for k in idx], self.cfg, self.scorer,
+                                  self.prm, path, loop.temperature, _seed(self.cfg.seed, 19, i))
+
+    def choose_threshold(self, params, loop: LoopState) -> float | None:
+        """selection=threshold: `train.threshold`, or the alpha chosen on validation samples of the starting
+        policy (paper 3.3: enumerated in 0.1 steps), logged once and kept in the loop state."""
+        from mstar_jax.loop.rollouts import check_samples, scoring_items
+        from mstar_jax.loop.selection import choose_threshold, threshold_grid
+
+        cfg = self.cfg
+        if cfg.train.selection != "threshold":
+            return None
+        if cfg.train.threshold >= 0:
+            return float(cfg.train.threshold)
+        if loop.threshold is not None:
+            return loop.threshold
+        if not self.val:
+            raise ConfigError("train.selection=threshold with train.threshold < 0 chooses alpha on the validation "
+                              "set, but the run has none: set train.threshold or give data.val")
+        s = cfg.sampling
+        samples = sample_queries(self.sampler, params, self.val, P.cot_prompt, n=cfg.dynamics.num_samples,
+                                 temperature=loop.temperature, seed=_seed(cfg.seed, 37), max_new_tokens=s.max_new_tokens,
+                                 batch_size=s.batch_size, top_p=s.top_p, top_k=s.top_k, desc="threshold (validation)")
+        correct = np.array(check_samples(self.val, samples), bool)
+        scores = np.array(self.scorer.score(scoring_items(self.val), samples), float)
+        alpha, table = choose_threshold(correct, scores, threshold_grid(float(cfg.train.threshold_step)))
+        reason = (f"selection threshold alpha={alpha:g}: best balanced accuracy of 'score >= alpha' against "
+                  f"correctness on {correct.size} validation samples ({cfg.train.scorer}); grid "
+                  + ", ".join(f"{a:g}:{v:.3f}" for a, v in table.items()))
+        print(reason, flush=True)
+        self.log.log({"stage": "threshold", "iteration": loop.iteration, "threshold": alpha, "reason": reason},
+                     step=0)
+        loop.records.append(self.log.records[-1])
+        loop.threshold = alpha
+        return alpha
 
     def run(self, state, loop: LoopState):
         """Run the remaining iterations; returns the final train state and loop state."""
         cfg = self.cfg
         adaptive = bool(cfg.adaptive.enabled)
-        every, window = int(cfg.adaptive.every), int(cfg.adaptive.get("window", 1))
-        while loop.iteration < self.num_iterations:
+        every, window = int(cfg.adaptive.every), int(cfg.adaptive.window)
+        threshold = self.choose_threshold(state.params, loop)
+        while not self.done(loop, state):
             i = loop.iteration
             rollouts = self.rollouts(state.params, i, loop.temperature)
             n_correct = sum(any(r.correct) for r in rollouts)
-            examples = training_examples(self.queries, rollouts, cfg)
+            examples = training_examples(self.queries, rollouts, cfg, threshold, i)
             record = {"stage": "iteration", "iteration": i, "method": cfg.train.method,
-                      "temperature": loop.temperature, "queries": len(rollouts), "queries_with_correct": n_correct,
+                      "selection": cfg.train.selection, "temperature": loop.temperature, "queries": len(rollouts),
+                      "queries_with_correct": n_correct,
                       "samples_correct": float(np.mean([c for r in rollouts for c in r.correct] or [0.0])),
-                      "examples": len(examples)}
+                      "examples_labeled": len(examples)}
+            unlabeled = self.unlabeled_rollouts(state.params, loop, state)
+            if unlabeled:
+                from mstar_jax.loop.unlabeled import pseudo_label_metrics
+
+                extra = training_examples(self.unlabeled, unlabeled, cfg, threshold, i)
+                record.update(pseudo_label_metrics(unlabeled), examples_unlabeled=len(extra))
+                examples = examples + extra
+            record["examples"] = len(examples)
             # Continuous keeps the run-long schedule; the others restart a schedule sized to this iteration.
             schedule = None if cfg.train.method == "continuous" else self.trainer.num_steps(
                 max(1, len(examples)), cfg.train.epochs)
@@ -204,10 +311,11 @@ class SelfEvolvingRun:
                       "is unchanged (the iteration is still checkpointed)", flush=True)
             self.log.log(record, step=int(state.step))
             loop.records.append(self.log.records[-1])
+            last = self.done(dataclasses.replace(loop, iteration=i + 1), state)
             need_dynamics = (cfg.dynamics.every and (i + 1) % cfg.dynamics.every == 0) or (
-                adaptive and _in_choice_window(i + 1, every, window)) or i + 1 == self.num_iterations
+                adaptive and _in_choice_window(i + 1, every, window)) or last
             if need_dynamics and self.val:
-                rows = measure_dynamics(self.sampler, state.params, self.val, cfg, self.scorer, i + 1)
+                rows = measure_dynamics(self.sampler, state.params, self.val, cfg, self.scorers, i + 1)
                 for row in rows:
                     self.log.log(row, step=int(state.step))
                     loop.records.append(self.log.records[-1])
@@ -226,7 +334,7 @@ class SelfEvolvingRun:
             self.ckpt.save_iteration(state, loop)
             best = max((r["reward_pass@2"] for r in loop.records
                         if r.get("stage") == "dynamics" and r.get("iteration") == i + 1), default=None)
-            print(f"iteration {i + 1}/{self.num_iterations}: {len(examples)} examples from {n_correct}/"
+            print(f"iteration {i + 1}/{self.num_iterations or '?'}: {len(examples)} examples from {n_correct}/"
                   f"{len(rollouts)} solved queries, loss {record.get('loss', float('nan')):.4f}, "
                   f"next T={loop.temperature:g}" + (f", best val reward_pass@2 {best:.3f}" if best is not None else ""),
                   flush=True)

@@ -9,21 +9,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mstar_jax.loop.rollouts import load_images
+from mstar_jax.io import load_images
 from mstar_jax.optim import OptimConfig, make_optimizer
 from mstar_jax.sft_batch import pad_examples, sft_example
-from mstar_jax.training import TrainState, create_train_state, make_train_step
+from mstar_jax.training import SFT, Objective, TrainState, create_train_state, make_train_step
 
 
 class Trainer:
-    """Builds batches from examples and runs SFT steps; one TrainStep (and its compiled code) per schedule."""
+    """Builds batches from examples and runs train steps; one TrainStep (and its compiled code) per schedule.
 
-    def __init__(self, policy, train_cfg, *, total_steps: int, max_length: int, seed: int = 0):
+    The objective is the policy's SFT loss by default; the PRM trains through the same class with
+    `objective=PRM_MSE` and its own example encoder (`encode(example) -> unpadded arrays`)."""
+
+    def __init__(self, policy, train_cfg, *, total_steps: int, max_length: int, seed: int = 0,
+                 objective: Objective = SFT, encode=None):
         self.policy, self.train_cfg, self.max_length, self.seed = policy, train_cfg, max_length, seed
         self.global_batch = int(train_cfg.global_batch)
         self.micro_batch = int(train_cfg.micro_batch or train_cfg.global_batch)
         self.total_steps = max(1, int(total_steps))
+        self.objective, self.encode = objective, encode or self._sft_encode
         self._steps: dict[int, object] = {}
+
+    def _sft_encode(self, example) -> dict:
+        q, prompt, response = example
+        return sft_example(self.policy.processor, prompt, response, load_images(q.images, record=q.id)[0],
+                           self.max_length)
 
     def optim(self, total_steps: int) -> OptimConfig:
         """The optimizer config for a schedule of `total_steps` updates."""
@@ -34,7 +44,7 @@ class Trainer:
         if total_steps not in self._steps:
             self._steps[total_steps] = make_train_step(
                 self.policy.graphdef, self.optim(total_steps), self.policy.mesh, micro_batch=self.micro_batch,
-                compute_dtype=getattr(self.train_cfg, "compute_dtype", "float32"))
+                compute_dtype=self.train_cfg.compute_dtype, objective=self.objective)
         return self._steps[total_steps]
 
     def fresh_state(self, params, total_steps: int | None = None, *, copy: bool = False) -> TrainState:
@@ -61,11 +71,7 @@ class Trainer:
         order = np.concatenate([rng.permutation(len(examples))
                                 for _ in range(math.ceil(steps * self.global_batch / len(examples)))])
         used = sorted(set(order[:steps * self.global_batch].tolist()))
-        encoded = {}  # each example is decoded and tokenised once, however many epochs
-        for i in used:
-            q, prompt, response = examples[i]
-            encoded[i] = sft_example(self.policy.processor, prompt, response, load_images(q.images)[0],
-                                     self.max_length)
+        encoded = {i: self.encode(examples[i]) for i in used}  # decoded and tokenised once, however many epochs
         length = -(-max(len(e["input_ids"]) for e in encoded.values()) // 16) * 16
         tok = self.policy.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -74,8 +80,11 @@ class Trainer:
             yield pad_examples([encoded[i] for i in idx], int(pad), "right", length=length)
 
     def fit(self, state: TrainState, examples: Sequence[tuple], epochs: float, seed: int, desc: str = "training",
-            total_steps: int | None = None) -> tuple[TrainState, dict]:
-        """Train on (query, prompt, response) examples in shuffled global batches; returns state and mean metrics."""
+            total_steps: int | None = None, start_step: int = 0, on_step=None) -> tuple[TrainState, dict]:
+        """Train on examples in shuffled global batches; returns state and mean metrics.
+
+        `start_step` skips the batches a resumed run already trained on (the order is a function of `seed`);
+        `on_step(state, steps_done, metrics)` runs after every update (e.g. a periodic checkpoint)."""
         from tqdm.auto import tqdm
 
         from mstar_jax.faults import kill_point
@@ -83,10 +92,17 @@ class Trainer:
         steps = self.num_steps(len(examples), epochs)
         step_fn = self.step_fn(total_steps or self.total_steps)
         losses, tokens, metrics = [], 0, {}
-        for batch in tqdm(self.batches(examples, epochs, seed), total=steps, desc=desc, unit="step", leave=False):
+        bar = tqdm(total=steps, initial=start_step, desc=desc, unit="step", leave=False)
+        for k, batch in enumerate(self.batches(examples, epochs, seed)):
+            if k < start_step:
+                continue
             state, metrics = step_fn(state, batch)
             losses.append(metrics["loss"])
             tokens += int(batch["loss_mask"].sum())
-            kill_point("train_step")
-        return state, {"loss": float(np.mean(losses)), "train_steps": steps, "train_tokens": tokens,
-                       "lr": float(metrics.get("lr", float("nan")))}
+            bar.update(1)
+            kill_point("train_step", f"{desc}:{k + 1}")
+            if on_step is not None:
+                on_step(state, k + 1, metrics)
+        bar.close()
+        return state, {"loss": float(np.mean(losses)) if losses else float("nan"), "train_steps": steps,
+                       "train_tokens": tokens, "lr": float(metrics.get("lr", float("nan")))}

@@ -14,19 +14,20 @@ from typing import Sequence
 import numpy as np
 
 from mstar_jax.loop import prompts as P
-from mstar_jax.loop.rollouts import Query, make_rollouts, read_rollouts, sample_queries, write_rollouts
+from mstar_jax.loop.rollouts import Query, make_rollouts, reusable_rollouts, sample_queries, write_rollouts
 from mstar_jax.loop.selection import select_responses
 
 
 def warmup_rollouts(sampler, params, queries: Sequence[Query], cfg, path: Path):
     """Answer-hinted rollouts (reused from `path` when a previous run finished them)."""
-    if path.exists():
-        return read_rollouts(path)
     w, s = cfg.warmup, cfg.sampling
+    reused = reusable_rollouts(path, queries, w.temperature)
+    if reused is not None:
+        return reused
     samples = sample_queries(sampler, params, queries, P.hinted_prompt, n=w.num_samples, temperature=w.temperature,
                              seed=cfg.seed * 7 + 1, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                              top_p=s.top_p, top_k=s.top_k, desc="warm-up rollouts")
-    rollouts = make_rollouts(queries, samples, P.hinted_prompt)
+    rollouts = make_rollouts(queries, samples, P.hinted_prompt, temperature=w.temperature)
     write_rollouts(path, rollouts)
     return rollouts
 

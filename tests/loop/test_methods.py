@@ -36,7 +36,9 @@ def world(tmp_path_factory):
     policy = Policy(load_hf(root / "hf", sharding.make_mesh(1, 1, 1, jax.devices()[:1]), "float32"),
                     load_processor(root / "hf"))
     cfg = load_config("smoke", ["--config.train.interval=0.5", "--config.train.passes=1.0",
-                                "--config.train.rerank_top=0", "--config.train.max_per_query=2",
+                                "--config.train.selection=all", "--config.train.max_per_query=2",
+                                "--config.unlabeled.enabled=false", "--config.prm.enabled=false",
+                                "--config.dynamics.scorer=mean_logprob",
                                 "--config.train.global_batch=4", "--config.train.micro_batch=2",
                                 "--config.dynamics.every=0", "--config.adaptive.enabled=false"])
     return policy, queries, cfg
@@ -65,7 +67,7 @@ def make_run(world, workdir, method, warm_params, num_iterations=2):
     cfg.train.method = method
     trainer = Trainer(policy, cfg.train, total_steps=SCHEDULE, max_length=160, seed=cfg.seed)
     ckpts = IterationCheckpoints(workdir / "checkpoints", max_to_keep=3)
-    run = SelfEvolvingRun(cfg, workdir, policy, trainer, warm_params, queries, [], MeanLogprobScorer(),
+    run = SelfEvolvingRun(cfg, workdir, policy, trainer, warm_params, queries, [], {"mean_logprob": MeanLogprobScorer()},
                           MetricsLog(workdir, tensorboard=False), ckpts)
     run.num_iterations = num_iterations
     return run, trainer, ckpts

@@ -168,6 +168,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         x = jnp.where(is_image[:, None], feats[slot], x.reshape(-1, d)).reshape(b, t, d)
         return constrain(x, ("batch", "seq", "act_embed"))
 
+    def token_embeddings(self) -> Array:
+        """The input token-embedding table [vocab, hidden] (the PRM head starts at its mean row)."""
+        return self.language_model.embed_tokens[...]
+
     def hidden_states(self, embeds, positions, kv_valid, cache=None, write_index=0):
         """Final-norm hidden states [B, T, D] of the decoder and the updated cache."""
         return self.language_model(embeds, positions, kv_valid, cache, write_index)
