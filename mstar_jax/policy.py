@@ -20,7 +20,8 @@ from mstar_jax.models.llava.model import positions_from_mask
 def forward_logits(graphdef, params, input_ids, attention_mask, positions, pixel_values):
     """Pure full forward: fp32 logits [B, T, V] (jit this; graphdef is static)."""
     model = merge(graphdef, params)
-    logits, _ = model(input_ids, positions, attention_mask, pixel_values)
+    images = None if pixel_values is None else {"pixel_values": pixel_values}
+    logits, _ = model(input_ids, positions, images=images, kv_valid=attention_mask)
     return logits
 
 

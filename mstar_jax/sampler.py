@@ -11,7 +11,7 @@ Flow of `Sampler.generate(params, images, prompts, n=...)`:
   3. `_decode` (jitted, state donated): a `lax.while_loop` samples a token per row, records its log-probs and
      feeds it back; it exits when every row finished or at `end_step`. Its attention reads the shared prompt
      cache once per prompt for all n samples (one [n, P] matmul) instead of n copies of it, which is what makes
-     n=16 decoding fast (`_shared_prefix_attention`).
+     n=16 decoding fast (`mstar_jax.models.cache.shared_attention`).
   4. host: token ids -> text, stop strings, finish reasons.
 
 Stop criteria. EOS ids (config `eos_token_ids`, tokenizer eos, `stop_token_ids`) end a row on device. Stop
@@ -51,16 +51,9 @@ from mstar_jax import sharding as shd
 from mstar_jax.conversion import cast_params, merge
 from mstar_jax.errors import MstarError
 from mstar_jax.io import to_host
-from mstar_jax.models.layers import KVCache
-from mstar_jax.models.llava.model import positions_from_mask
+from mstar_jax.models.cache import SharedPrefixCache, share
 from mstar_jax.sft_batch import prompt_text
 
-CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "cache_dim")
-# The decode caches are stored heads-major ([B, K, S, D]) so attention's batched matmuls read them in place.
-CACHE_AXES_HEADS_MAJOR = ("cache_batch", "cache_heads", "cache_seq", "cache_dim")
-# The prompt's keys are stored transposed ([B, K, D, P]): the score matmul then reads its weight-side operand in
-# the [contract, out] layout that XLA:CPU's matmul kernels handle best (that dot ~40 % faster, docs/benchmarks.md).
-CACHE_AXES_KEYS_T = ("cache_batch", "cache_heads", "cache_dim", "cache_seq")
 # top-p first looks for the nucleus among this many best tokens and sorts the whole vocabulary only when
 # some row's nucleus is larger (flat distributions); a top-k of at most this size never needs the sort.
 NUCLEUS_CANDIDATES = 256
@@ -157,9 +150,8 @@ def _split_batch(batch: dict, image_token_id: int, image_seq_length: int) -> lis
 
 
 class DecodeState(NamedTuple):
-    """Everything the decode loop carries; B prompts, R = B x n rows, P prompt slots, N new-token slots."""
+    """Everything the decode loop carries; B prompts, R = B x S x n rows, N new-token slots."""
 
-    step: jax.Array  # [] tokens generated so far
     tokens: jax.Array  # [R, N] int32
     logprobs: jax.Array  # [R, N] under the sampling distribution
     model_logprobs: jax.Array  # [R, N] under the unmodified model
@@ -167,29 +159,20 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [R] bool
     stopped: jax.Array  # [R] bool: finished by a stop token
     logits: jax.Array  # [R, V] next-token logits
-    prefix: list  # per layer KVCache(k [B, K, D, P], v [B, K, P, D]): the prompt's keys/values, once per prompt
-    prefix_valid: jax.Array  # [B, P] bool (left padding is False)
-    prefix_end: jax.Array  # [R] a row sees prompt slots < prefix_end (P, or a step boundary for MC completions)
-    suffix: list  # per layer KVCache([R, K, N, D]): the generated tokens' keys/values, one row per sample
-    next_pos: jax.Array  # [R] position id of generated token 0
+    cache: SharedPrefixCache  # the prompts' keys/values once per prompt, each row's own tokens; cache.step counts
     keys: jax.Array  # [R] per-sample PRNG keys
+
+    @property
+    def step(self) -> jax.Array:
+        """Tokens generated so far."""
+        return self.cache.step
 
 
 def _rows(x, axes_rest):
     return shd.constrain(x, ("batch",) + axes_rest)
 
 
-def _constrain_cache(cache):
-    return [KVCache(shd.constrain(c.k, CACHE_AXES), shd.constrain(c.v, CACHE_AXES)) for c in cache]
-
-
-def _prompt_cache(cache):
-    """[B, S, K, D] -> keys [B, K, D, S], values [B, K, S, D]: the decode matmuls read them in place, once each."""
-    return [KVCache(shd.constrain(c.k.transpose(0, 2, 3, 1), CACHE_AXES_KEYS_T),
-                    shd.constrain(c.v.transpose(0, 2, 1, 3), CACHE_AXES_HEADS_MAJOR)) for c in cache]
-
-
-def _prefill(graphdef, params, ids, mask, pixels, row_valid, prompt_index, seed, ends, ends_valid, *, n: int,
+def _prefill(graphdef, params, ids, mask, images, row_valid, prompt_index, seed, ends, ends_valid, *, n: int,
              new_len: int):
     """Run the B prompts once (not B*n) and return the decode state for their B*S*n samples.
 
@@ -198,14 +181,9 @@ def _prefill(graphdef, params, ids, mask, pixels, row_valid, prompt_index, seed,
     model = merge(graphdef, params)
     b, p = ids.shape
     s_ends = ends.shape[1]
-    feats = None if pixels is None else model.image_features(pixels)
-    positions = positions_from_mask(mask)
-    cache = _constrain_cache(model.init_cache(b, p))
-    h, cache = model.hidden_states(model.embed(ids, feats), positions, mask, cache, 0)
     # Only the logits before each end are needed (prompts are left-padded): skips a [B, P, V] matmul.
-    h_end = jnp.take_along_axis(h, (ends - 1)[..., None], axis=1)  # [B, S, D]
-    logits = model.logits_from_hidden(h_end).reshape(b * s_ends, -1)
-    pad = p - jnp.sum(mask, axis=-1).astype(jnp.int32)  # left padding per prompt
+    logits, cache = model(ids, images=images, kv_valid=mask, cache=model.init_cache(b, p), logits_at=ends - 1)
+    logits = logits.reshape(b * s_ends, -1)
 
     def rep(x):
         return jnp.repeat(x, n, axis=0)
@@ -214,100 +192,18 @@ def _prefill(graphdef, params, ids, mask, pixels, row_valid, prompt_index, seed,
         return jnp.repeat(x, s_ends * n, axis=0)
 
     r = b * s_ends * n
-    t = model.cfg.text
-    shape = (r, t.num_kv_heads, new_len, t.head_dim)
-    zeros = jnp.zeros(shape, cache[0].k.dtype)
-    suffix = _constrain_cache_hm([KVCache(zeros, zeros) for _ in cache])
     base = jax.random.key(seed)
     sample_j = jnp.tile(jnp.arange(s_ends * n), b)
     keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(rep_rows(prompt_index),
                                                                                     sample_j)
     zeros_f = jnp.zeros((r, new_len), jnp.float32)
-    row_ends = rep(ends.reshape(-1))
     return DecodeState(
-        step=jnp.zeros((), jnp.int32),
         tokens=_rows(jnp.zeros((r, new_len), jnp.int32), (None,)),
         logprobs=_rows(zeros_f, (None,)), model_logprobs=_rows(zeros_f, (None,)),
         lengths=_rows(jnp.zeros((r,), jnp.int32), ()),
         done=_rows(~(rep_rows(row_valid) & rep(ends_valid.reshape(-1))), ()),
         stopped=_rows(jnp.zeros((r,), bool), ()),
-        logits=_rows(rep(logits), ("act_vocab",)), prefix=_prompt_cache(cache),
-        prefix_valid=_rows(mask.astype(bool), (None,)), prefix_end=_rows(row_ends, ()), suffix=suffix,
-        next_pos=_rows(row_ends - rep_rows(pad), ()), keys=keys)
-
-
-def _constrain_cache_hm(cache):
-    return [KVCache(shd.constrain(c.k, CACHE_AXES_HEADS_MAJOR), shd.constrain(c.v, CACHE_AXES_HEADS_MAJOR))
-            for c in cache]
-
-
-def _shared_prefix_attention(q, prefix: KVCache, prefix_valid, prefix_end, suffix: KVCache, step, window, scale):
-    """Attention of one new token per row over its prompt (shared by the n rows of a prompt) and its own tokens.
-
-    q [R, H, D]; prefix k [B, K, D, P], v [B, K, P, D]; prefix_end [R]: row r sees prompt slots < prefix_end[r];
-    suffix k/v [R, K, N, D] holding this step's key at slot `step`.
-    The n samples of a prompt query the prompt's keys together as one [n*G, P] matmul, so the prompt's
-    cache is read once per prompt instead of once per sample; one softmax spans both parts.
-    """
-    r, h, d = q.shape
-    b, kh, _, p = prefix.k.shape
-    n, g, slots = r // b, h // kh, suffix.k.shape[2]
-    f32 = jnp.float32
-    # Queries of the n samples of a prompt side by side: [B, K, n*G, D].
-    qp = q.reshape(b, n, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, n * g, d)
-    s_pre = jnp.einsum("bkqd,bkdp->bkqp", qp, prefix.k, preferred_element_type=f32) * scale
-    s_suf = jnp.einsum("rkgd,rknd->rkgn", q.reshape(r, kh, g, d), suffix.k, preferred_element_type=f32) * scale
-    slot_p = jnp.arange(p)[None, None, None, :]
-    end_q = jnp.repeat(prefix_end.reshape(b, n), g, axis=1)[:, None, :, None]  # [B, 1, n*G, 1]
-    pre_ok = prefix_valid[:, None, None, :] & (slot_p < end_q)
-    suf_ok = (jnp.arange(slots) <= step)[None, None, None, :]
-    if window is not None:
-        # The query sits `step` slots after its row's prefix end, so its distance to prompt slot i is end+step-i.
-        pre_ok = pre_ok & (end_q + step - slot_p < window)
-        suf_ok = suf_ok & (step - jnp.arange(slots) < window)[None, None, None, :]
-    neg = jnp.finfo(f32).min
-    s_pre = jnp.where(pre_ok, s_pre, neg)
-    s_suf = jnp.where(suf_ok, s_suf, neg)
-    # Joint softmax over prompt + generated keys from per-part maxima and sums.
-    m_pre = jnp.max(s_pre, axis=-1).reshape(b, kh, n, g).transpose(0, 2, 1, 3).reshape(r, kh, g)
-    m = jnp.maximum(m_pre, jnp.max(s_suf, axis=-1))  # [R, K, G]
-    m_pre_q = m.reshape(b, n, kh, g).transpose(0, 2, 1, 3).reshape(b, kh, n * g)
-    e_pre = jnp.exp(s_pre - m_pre_q[..., None])
-    e_suf = jnp.exp(s_suf - m[..., None])
-    o_pre = jnp.einsum("bkqp,bkpd->bkqd", e_pre.astype(prefix.v.dtype), prefix.v, preferred_element_type=f32)
-    o_suf = jnp.einsum("rkgn,rknd->rkgd", e_suf.astype(suffix.v.dtype), suffix.v, preferred_element_type=f32)
-    z_pre = jnp.sum(e_pre, axis=-1).reshape(b, kh, n, g).transpose(0, 2, 1, 3).reshape(r, kh, g)
-    o_pre = o_pre.reshape(b, kh, n, g, d).transpose(0, 2, 1, 3, 4).reshape(r, kh, g, d)
-    out = (o_pre + o_suf) / (z_pre + jnp.sum(e_suf, axis=-1))[..., None]
-    return out.reshape(r, h, d).astype(q.dtype)
-
-
-def _decode_forward(model, tok, positions, state: DecodeState):
-    """Logits [R, V] for one new token per row and the updated suffix cache (prompt cache is read-only).
-
-    The model's own decoder blocks with the shared-prefix attention above in place of theirs; the per-step
-    equality with a full forward is tested (tests/test_sampler.py).
-    """
-    lm = model.language_model
-    cos, sin = lm.rope(positions[:, None])
-    x = model.embed(tok[:, None], None)  # [R, 1, D]
-    suffix = []
-    for layer, pre, suf in zip(lm.layers, state.prefix, state.suffix):
-        a = layer.self_attn
-
-        def attend(h):  # called at once by `block`, so the loop variables are the current layer's
-            q, k, v = a.project(h, cos, sin)
-            at = (0, 0, state.step, 0)
-            new = KVCache(jax.lax.dynamic_update_slice(suf.k, k.transpose(0, 2, 1, 3).astype(suf.k.dtype), at),
-                          jax.lax.dynamic_update_slice(suf.v, v.transpose(0, 2, 1, 3).astype(suf.v.dtype), at))
-            out = _shared_prefix_attention(q[:, 0], pre, state.prefix_valid, state.prefix_end, new, state.step,
-                                           a.window, a.head_dim ** -0.5)
-            return a.output(out[:, None]), new
-
-        x, new_suffix = layer.block(x, attend)
-        suffix.append(new_suffix)
-    logits = model.logits_from_hidden(lm.norm(x))[:, 0]
-    return logits, _constrain_cache_hm(suffix)
+        logits=_rows(rep(logits), ("act_vocab",)), cache=share(cache, mask, ends, n, new_len), keys=keys)
 
 
 class Mode(NamedTuple):
@@ -431,8 +327,9 @@ def sample_tokens(logits, keys, step, temperature, top_p, mode: Mode):
 
 
 def _forward_token(model, state: DecodeState, tok):
-    """Feed one token per row as generated token `state.step`; returns (logits [R, V], suffix cache)."""
-    return _decode_forward(model, tok, state.next_pos + state.step, state)
+    """Feed one token per row as generated token `state.step`; returns (logits [R, V], the advanced cache)."""
+    logits, cache = model(tok[:, None], cache=state.cache)
+    return logits[:, 0], cache
 
 
 def _decode(graphdef, params, state: DecodeState, end_step, temperature, top_p, stop_mask, pad_id, *,
@@ -454,8 +351,8 @@ def _decode(graphdef, params, state: DecodeState, end_step, temperature, top_p, 
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(live, lp, 0.0)[:, None], col),
             model_logprobs=jax.lax.dynamic_update_slice(s.model_logprobs, jnp.where(live, mlp, 0.0)[:, None], col),
             lengths=s.lengths + live.astype(jnp.int32), done=s.done | hit, stopped=s.stopped | hit)
-        logits, suffix = _forward_token(model, s, tok)
-        return s._replace(step=s.step + 1, logits=_rows(logits, ("act_vocab",)), suffix=suffix)
+        logits, cache = _forward_token(model, s, tok)
+        return s._replace(logits=_rows(logits, ("act_vocab",)), cache=cache)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -465,8 +362,8 @@ def _forced_logits(graphdef, params, state: DecodeState, forced):
     model = merge(graphdef, params)
 
     def body(s, tok):
-        logits, suffix = _forward_token(model, s, tok)
-        return s._replace(step=s.step + 1, logits=logits, suffix=suffix), s.logits
+        logits, cache = _forward_token(model, s, tok)
+        return s._replace(logits=logits, cache=cache), s.logits
 
     _, out = jax.lax.scan(body, state, forced.T)
     return out.transpose(1, 0, 2)
@@ -602,7 +499,7 @@ class Sampler:
         index[:len(indices)] = indices
         with shd.use_mesh(self.mesh):
             state = self._prefill(params, self._put(ids, ("batch", None)), self._put(mask, ("batch", None)),
-                                  None if pixels is None else self._put(pixels, (None,) * pixels.ndim),
+                                  None if pixels is None else {"pixel_values": self._put(pixels, (None,) * pixels.ndim)},
                                   self._put(valid, ("batch",)), self._put(index, ("batch",)),
                                   jnp.uint32(seed), self._put(ends, ("batch", None)),
                                   self._put(ends_valid, ("batch", None)), n=n, new_len=new_len)

@@ -27,7 +27,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mstar_jax import sharding as shd
 from mstar_jax.conversion import merge
 from mstar_jax.errors import TrainingError
-from mstar_jax.models.llava.model import positions_from_mask
 from mstar_jax.optim import OptimConfig, make_optimizer, make_schedule, schedule_count, with_schedule_count
 from mstar_jax.sft_batch import BATCH_KEYS
 
@@ -141,8 +140,7 @@ def response_loss_sum(model, batch: dict[str, jax.Array], num_targets: int, grou
     an SFT sequence, never do.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    feats = None if batch.get("pixel_values") is None else model.image_features(batch["pixel_values"])
-    h, _ = model.hidden_states(model.embed(ids, feats), positions_from_mask(mask), mask)
+    h, _ = model(ids, images=model.image_inputs(batch), kv_valid=mask, hidden_only=True)
     w = batch["loss_mask"][:, 1:].astype(jnp.float32).reshape(groups, -1)
     h = h[:, :-1].reshape(groups, -1, h.shape[-1])
     y = ids[:, 1:].reshape(groups, -1)

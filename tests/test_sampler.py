@@ -199,7 +199,7 @@ def test_n_samples_share_one_prefill_of_b_rows(policies):
     items = sampler.prompts_from(batch=batch)
     state = sampler._start(policy.params, items, [0, 1], 8, 16, 0)
     # The prompt cache has one row per prompt; only the generated tokens' cache has B*n rows.
-    assert state.prefix[0].k.shape[0] == 2 and state.suffix[0].k.shape[0] == 16
+    assert state.cache.prefix[0].k.shape[0] == 2 and state.cache.suffix[0].k.shape[0] == 16
     sampler.prefill_calls = 0
     out = sampler.generate(policy.params, batch=batch, n=8, temperature=1.0, max_new_tokens=4)
     assert sampler.prefill_calls == 1 and [len(s) for s in out] == [8, 8]

@@ -22,9 +22,11 @@ def sampler_ms_per_step(path: str, n: int, repeats: int, no_attention: bool) -> 
 
     policy = mstar_jax.load(path)
     batch = prompt_batch(policy.processor, 1)
-    original = S._shared_prefix_attention
+    from mstar_jax.models import layers as L
+
+    original = L.shared_attention
     if no_attention:
-        S._shared_prefix_attention = lambda q, *args: q
+        L.shared_attention = lambda q, k, v, prefix, suffix, cache, window, scale: (q, suffix)
     try:
         times = {}
         for new in (16, 144):
@@ -38,7 +40,7 @@ def sampler_ms_per_step(path: str, n: int, repeats: int, no_attention: bool) -> 
                 best = min(best, time.perf_counter() - t0)
             times[new] = (best, sampler.decode_steps)
     finally:
-        S._shared_prefix_attention = original
+        L.shared_attention = original
     (t_short, s_short), (t_long, s_long) = times[16], times[144]
     return (t_long - t_short) / (s_long - s_short) * 1e3
 

@@ -93,8 +93,16 @@ def attention_variants(repeats: int) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from mstar_jax.models.layers import KVCache
-    from mstar_jax.sampler import _shared_prefix_attention
+    from mstar_jax.models.cache import KVCache, SharedPrefixCache, shared_attention
+
+    def _shared_prefix_attention(q, prefix, valid, suffix, step, window, scale):
+        """The shipped decode attention with the variants' signature (this step's key already in `suffix`)."""
+        r, kh, d = q.shape
+        cache = SharedPrefixCache([prefix], valid, jnp.full((r,), valid.shape[1]), [suffix], jnp.zeros((r,), jnp.int32),
+                                  step)
+        out, _ = shared_attention(q.reshape(r, 1, kh, d), suffix.k[:, :, step][:, None], suffix.v[:, :, step][:, None],
+                                  prefix, suffix, cache, window, scale)
+        return out.reshape(r, kh, d)
 
     rng = np.random.default_rng(0)
     rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731

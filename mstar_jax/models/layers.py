@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mstar_jax.models.cache import DenseLayer, KVCache, SharedLayer, shared_attention, write_dense
+
 Array = jax.Array
 
 
@@ -198,13 +200,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # ------------------------------------------------------------------------------------------ attention
 
 
-class KVCache(NamedTuple):
-    """One layer's preallocated cache: keys/values [B, S, K, D]."""
-
-    k: Array
-    v: Array
-
-
 def attention_mask(
     kv_valid: Array, q_len: int, write_index: Array | int, window: int | None = None
 ) -> Array:
@@ -294,17 +289,23 @@ class Attention(nnx.Module):
         b, t = out.shape[:2]
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
 
-    def __call__(self, x: Array, cos: Array, sin: Array, kv_valid: Array, cache: KVCache | None,
-                 write_index: Array | int) -> tuple[Array, KVCache | None]:
+    def __call__(self, x: Array, cos: Array, sin: Array, kv_valid: Array | None = None,
+                 cache: DenseLayer | SharedLayer | None = None) -> tuple[Array, KVCache | None]:
+        """Attention output and this layer's new cache: none (a full forward over `kv_valid` [B, T]), a dense
+        cache (write at its index, attend over `kv_valid` [B, S]) or the shared-prompt decode cache."""
         t = x.shape[1]
         q, k, v = self.project(x, cos, sin)
-        if cache is not None:
-            idx = (0, write_index, 0, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), idx),
-                            jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), idx))
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-        mask = attention_mask(kv_valid, t, write_index, self.window)
-        return self.output(dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)), cache
+        scale = self.head_dim ** -0.5
+        if isinstance(cache, SharedLayer):
+            out, suffix = shared_attention(q, k, v, cache.prefix, cache.suffix, cache.cache, self.window, scale)
+            return self.output(out), suffix
+        index = 0
+        if isinstance(cache, DenseLayer):
+            index = cache.index
+            layer = write_dense(cache.kv, k, v, index)
+            k, v, cache = layer.k.astype(q.dtype), layer.v.astype(q.dtype), layer
+        mask = attention_mask(kv_valid, t, index, self.window)
+        return self.output(dot_product_attention(q, k, v, mask, scale)), cache
 
 
 class GatedMLP(nnx.Module):

@@ -17,7 +17,6 @@ import numpy as np
 
 from mstar_jax import sharding as shd
 from mstar_jax.conversion import merge
-from mstar_jax.models.llava.model import positions_from_mask
 from mstar_jax.training import Objective
 
 HEAD_W = ("reward_head", "kernel")  # [hidden] float32
@@ -58,12 +57,8 @@ def token_scores(graphdef, params: dict, input_ids, attention_mask, pixel_values
     `image_rows` [num images]: which distinct image of `pixel_values` each row's image tokens take, so n
     responses to one image run the vision tower once (None: one image per row, in order)."""
     model = merge(graphdef, backbone(params))
-    feats = None
-    if pixel_values is not None:
-        feats = model.image_features(pixel_values)
-        if image_rows is not None:
-            feats = feats[image_rows]
-    h, _ = model.hidden_states(model.embed(input_ids, feats), positions_from_mask(attention_mask), attention_mask)
+    images = None if pixel_values is None else {"pixel_values": pixel_values, "index": image_rows}
+    h, _ = model(input_ids, images=images, kv_valid=attention_mask, hidden_only=True)
     w = params[HEAD_W].astype(jnp.float32)
     return jnp.einsum("btd,d->bt", h.astype(jnp.float32), w) + params[HEAD_B].astype(jnp.float32)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mstar_jax.models import cache as C
 from mstar_jax.models import layers as L
 from mstar_jax.models.llava.config import LlavaConfig, TextConfig, VisionConfig
 from mstar_jax.sharding import constrain
@@ -94,13 +95,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = L.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=cfg.mlp_bias,
                               dtype=dtype)
 
-    def __call__(self, x, cos, sin, kv_valid, cache, write_index):
-        return self.block(x, lambda h: self.self_attn(h, cos, sin, kv_valid, cache, write_index))
-
-    def block(self, x, attend):
-        """The block around an attention function `attend(normed x) -> (output, cache)`; the sampler's decode
-        step passes its shared-prefix attention here."""
-        h, cache = attend(self.input_layernorm(x))
+    def __call__(self, x, cos, sin, kv_valid, cache):
+        with jax.named_scope("attention"):
+            h, cache = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache)
         x = constrain(x + h, ("batch", "seq", "act_embed"))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "seq", "act_embed")), cache
@@ -121,15 +118,15 @@ class Decoder(nnx.Module):
         rope = L.rope_frequencies(self.cfg.rope_dict, self.cfg.head_dim, self.cfg.max_position_embeddings)
         return L.rope_cos_sin(rope, positions)
 
-    def __call__(self, embeds, positions, kv_valid, cache, write_index):
+    def __call__(self, embeds, positions, kv_valid, cache):
         cos, sin = self.rope(positions)
-        new_cache = [] if cache is not None else None
-        x = embeds
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, cos, sin, kv_valid, None if cache is None else cache[i], write_index)
-            if cache is not None:
-                new_cache.append(c)
-        return self.norm(x), new_cache
+        views = C.layer_views(cache, len(self.layers))
+        x, new_layers = embeds, []
+        for i, (layer, view) in enumerate(zip(self.layers, views)):
+            with jax.named_scope(f"layer_{i}"):
+                x, c = layer(x, cos, sin, kv_valid, view)
+            new_layers.append(c)
+        return self.norm(x), C.advance(cache, new_layers, positions, embeds.shape[1])
 
 
 class LlavaForConditionalGeneration(nnx.Module):
@@ -172,9 +169,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         """The input token-embedding table [vocab, hidden] (the PRM head starts at its mean row)."""
         return self.language_model.embed_tokens[...]
 
-    def hidden_states(self, embeds, positions, kv_valid, cache=None, write_index=0):
+    def hidden_states(self, embeds, positions, kv_valid, cache=None):
         """Final-norm hidden states [B, T, D] of the decoder and the updated cache."""
-        return self.language_model(embeds, positions, kv_valid, cache, write_index)
+        return self.language_model(embeds, positions, kv_valid, cache)
 
     def logits_from_hidden(self, h: Array) -> Array:
         """Vocabulary logits in fp32 from decoder hidden states."""
@@ -187,18 +184,48 @@ class LlavaForConditionalGeneration(nnx.Module):
             logits = jnp.dot(rows, self.lm_head.kernel[...].astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits.reshape(*h.shape[:-1], -1), ("batch", "seq", "act_vocab"))
 
-    def __call__(self, input_ids: Array, positions: Array, kv_valid: Array, pixel_values: Array | None = None,
-                 cache: list[L.KVCache] | None = None, write_index: Array | int = 0):
-        feats = None if pixel_values is None else self.image_features(pixel_values)
-        h, cache = self.hidden_states(self.embed(input_ids, feats), positions, kv_valid, cache, write_index)
+    def __call__(self, input_ids: Array, positions: Array | None = None, *, images: dict | None = None,
+                 kv_valid: Array | None = None, cache: C.DenseCache | C.SharedPrefixCache | None = None,
+                 logits_at: Array | None = None, hidden_only: bool = False):
+        """The one forward of prefill, decode and the training losses: (logits [B, T, V] fp32, or the final
+        hidden states with `hidden_only`, or logits at the positions `logits_at` [B, S]; the updated cache).
+
+        `images`: {"pixel_values": [N, C, H, W]} (+ "index" [M]: which of the N images' features fill the M image
+        placeholders, in order, when rows share images). `kv_valid`: the attention mask of the keys ([B, T], or
+        [B, S] with a DenseCache); positions default to the mask's running count. With a SharedPrefixCache the
+        call decodes one token per row and needs neither."""
+        if isinstance(cache, C.SharedPrefixCache):
+            positions = (cache.next_pos + cache.step)[:, None]
+            x = self.embed(input_ids, None)
+        else:
+            if kv_valid is None:
+                kv_valid = jnp.ones(input_ids.shape, jnp.int32)
+            if positions is None:
+                positions = positions_from_mask(kv_valid)
+            feats = None
+            if images is not None and images.get("pixel_values") is not None:
+                feats = self.image_features(images["pixel_values"])
+                if images.get("index") is not None:
+                    feats = feats[images["index"]]
+            x = self.embed(input_ids, feats)
+        h, cache = self.hidden_states(x, positions, kv_valid, cache)
+        if hidden_only:
+            return h, cache
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         return self.logits_from_hidden(h), cache
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[L.KVCache]:
-        """A zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
+    @staticmethod
+    def image_inputs(batch: dict) -> dict | None:
+        """The `images` argument from a batch of this family's processor (or an SFT batch)."""
+        px = batch.get("pixel_values")
+        return None if px is None else {"pixel_values": px}
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> C.DenseCache:
+        """A zeroed dense KV cache for `batch` sequences of up to `max_len` tokens."""
         t = self.cfg.text
-        dtype = dtype or self.language_model.embed_tokens.dtype
-        shape = (batch, max_len, t.num_kv_heads, t.head_dim)
-        return [L.KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers)]
+        return C.dense_cache(t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim,
+                             dtype or self.language_model.embed_tokens.dtype)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
