@@ -1,10 +1,13 @@
-"""HF <-> Flax conversion: read an HF LLaVA checkpoint onto the mesh, write our checkpoint, export back to HF.
+"""HF <-> Flax conversion over the model registry: read an HF checkpoint of any registered family onto the mesh,
+write our checkpoint, export back to HF in any of the family's published key layouts.
 
 A converted checkpoint directory holds:
-    mstar_checkpoint.json   our config, the source key layout, parameter dtypes
+    mstar_checkpoint.json   the family, our config, the source key layout, parameter dtypes
     params/                 Orbax checkpoint of the parameters
-    extras.safetensors      tensors LLaVA does not use (e.g. SigLIP's pooling head), kept for the export
+    extras.safetensors      tensors the model does not use (e.g. SigLIP's pooling head), kept for the export
     hf/                     config.json, tokenizer, processor and chat-template files of the source
+
+Everything family-specific (config, key map, layouts, model class) comes from `mstar_jax.models.registry`.
 """
 
 from __future__ import annotations
@@ -20,29 +23,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mstar_jax import sharding as shd
 from mstar_jax.errors import CheckpointError
 from mstar_jax.io import to_host
-from mstar_jax.models.llava import keymap
-from mstar_jax.models.llava.config import LlavaConfig, load_hf_config
-from mstar_jax.models.llava.model import LlavaForConditionalGeneration, vision_layers_used
+from mstar_jax.models import registry
+from mstar_jax.models.base import abstract_model, cast_params, merge, param_shardings
 from mstar_jax.models.mapping import Layout
 from mstar_jax.weights import SafetensorsReader, restore_params, save_params, write_safetensors
 
 log = logging.getLogger(__name__)
 
 META_NAME = "mstar_checkpoint.json"
-FORMAT = "mstar-jax/llava"
+FORMAT_PREFIX = "mstar-jax/"  # + family name ("mstar-jax/llava")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
+
+
+def family_of_config(cfg):
+    """The Family a config belongs to (each family's config class names it)."""
+    return registry.family(cfg.FAMILY)
 
 
 @dataclasses.dataclass
 class LoadedModel:
     """A model on the mesh: config, NNX graph definition, flat params, unused tensors and HF side files."""
 
-    cfg: LlavaConfig
+    cfg: Any
     graphdef: Any
     params: dict[tuple, jax.Array]
     extras: dict[str, np.ndarray]
@@ -50,42 +56,32 @@ class LoadedModel:
     hf_files: Path | None
     mesh: Any
 
-    def model(self) -> LlavaForConditionalGeneration:
+    @property
+    def family(self):
+        """The model family (registry entry) of this model."""
+        return family_of_config(self.cfg)
+
+    def model(self):
         """The NNX module holding these params (cheap: shares the arrays)."""
         return merge(self.graphdef, self.params)
 
-
-# ------------------------------------------------------------------------------------ model skeleton
-
-
-def abstract_model(cfg: LlavaConfig, dtype: Any = jnp.float32):
-    """(graphdef, {path: ShapeDtypeStruct}, {path: logical axes}) without allocating weights."""
-    model = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype))
-    graphdef, state = nnx.split(model)
-    shapes, axes = {}, {}
-    for path, var in nnx.to_flat_state(state):
-        shapes[path] = var.get_value()
-        axes[path] = var.get_metadata().get("axes") or (None,) * len(var.get_value().shape)
-    return graphdef, shapes, axes
+    def with_params(self, params: dict[tuple, jax.Array]) -> "LoadedModel":
+        """The same model with other parameters (e.g. a trained policy or a PRM backbone)."""
+        return dataclasses.replace(self, params=params)
 
 
-def merge(graphdef, params: dict[tuple, Any]) -> LlavaForConditionalGeneration:
-    """An NNX module from a graphdef and flat params {path: array} (works inside jit)."""
-    return nnx.merge(graphdef, nnx.from_flat_state(list(params.items())))
-
-
-def param_shardings(shapes: dict[tuple, Any], axes: dict[tuple, tuple], mesh) -> dict[tuple, Any]:
-    """NamedSharding per parameter from its logical axes."""
-    return {p: shd.named_sharding(mesh, axes[p], shapes[p].shape) for p in shapes}
+def model_skeleton(cfg, dtype: Any = jnp.float32):
+    """(graphdef, shapes, logical axes) of a config's model, through its family."""
+    return abstract_model(family_of_config(cfg).model_class, cfg, dtype)
 
 
 # ---------------------------------------------------------------------------------------- HF reading
 
 
-def _detect_layout(keys: list[str], rules) -> Layout:
+def _detect_layout(keys: list[str], rules, layouts) -> Layout:
     """The layout under which the most keys map to a rule."""
-    best, best_hits = keymap.LAYOUTS[0], -1
-    for layout in keymap.LAYOUTS:
+    best, best_hits = layouts[0], -1
+    for layout in layouts:
         hits = 0
         for k in keys:
             canon = layout.to_canonical(k)
@@ -96,26 +92,15 @@ def _detect_layout(keys: list[str], rules) -> Layout:
     return best
 
 
-def _is_known_unused(canon: str, cfg: LlavaConfig) -> bool:
-    """Tensors a LLaVA forward never reads but a faithful export must keep."""
-    import re
-
-    if canon.startswith(("vision_tower.post_layernorm.", "vision_tower.head.")):
-        return True
-    m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", canon)
-    if m and int(m.group(1)) >= vision_layers_used(cfg):
-        return int(m.group(1)) < cfg.vision.num_layers
-    return canon == "lm_head.weight" and cfg.tie_word_embeddings
-
-
-def plan_hf_load(reader: SafetensorsReader, cfg: LlavaConfig, shapes: dict[tuple, Any]):
+def plan_hf_load(reader: SafetensorsReader, cfg, shapes: dict[tuple, Any]):
     """Match every checkpoint tensor to a rule (or to the unused extras); check names and shapes.
 
     Returns (layout, {our path: (rule, part, hf key)}, {canonical key: hf key} of extras).
     """
-    rules = keymap.rules(cfg)
+    fam = family_of_config(cfg)
+    rules = fam.rules(cfg)
     keys = reader.keys()
-    layout = _detect_layout(keys, rules)
+    layout = _detect_layout(keys, rules, fam.layouts)
     plan: dict[tuple, tuple] = {}
     extras: dict[str, str] = {}
     unexpected = []
@@ -141,22 +126,34 @@ def plan_hf_load(reader: SafetensorsReader, cfg: LlavaConfig, shapes: dict[tuple
                 for part, p in enumerate(paths):
                     plan[p] = (rule, part, key)
                 continue
-        if canon is not None and _is_known_unused(canon, cfg):
+        if canon is not None and fam.is_known_unused(canon, cfg):
             extras[canon] = key
             continue
         unexpected.append(key)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) for a {cfg.text.family} "
-                              f"LLaVA with a {cfg.vision.family} tower ({layout.name} layout): {shown}")
+        raise CheckpointError(f"{reader.dir}: {len(unexpected)} unexpected tensor(s) for this {fam.name} config "
+                              f"({layout.name} layout): {shown}")
     missing = [p for p in shapes if p not in plan]
     if missing:
         names = []
         for p in missing[:5]:
-            names.append(".".join(map(str, p)))
+            rule = next((r for r in rules if any(_path_matches(t, p) for t in r.ours)), None)
+            names.append(".".join(map(str, p)) + (f" (HF key {layout.from_canonical(_hf_key_of(rule, p))})"
+                                                  if rule is not None else ""))
         raise CheckpointError(f"{reader.dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. our "
                               f"{', '.join(names)} (layout {layout.name})")
     return layout, plan, extras
+
+
+def _path_matches(template: str, path: tuple) -> bool:
+    parts = template.split(".")
+    return len(parts) == len(path) and all(t == "{i}" or t == str(p) for t, p in zip(parts, path))
+
+
+def _hf_key_of(rule, path: tuple) -> str:
+    layer = next((p for p in path if isinstance(p, int)), None)
+    return rule.hf_key(layer)
 
 
 def _np_dtype(name: str):
@@ -170,12 +167,14 @@ def _np_dtype(name: str):
 
 
 def load_hf(hf_dir: str | Path, mesh=None, dtype: str | None = None) -> LoadedModel:
-    """Read an HF LLaVA directory straight onto the mesh: each device reads only its own slices."""
+    """Read an HF checkpoint directory of a registered family straight onto the mesh: each device reads only its
+    own slices."""
     hf_dir = Path(hf_dir)
-    cfg = load_hf_config(hf_dir)
+    fam = registry.family_of(hf_dir)
+    cfg = fam.from_hf(registry.read_config_json(hf_dir), hf_dir)
     reader = SafetensorsReader(hf_dir)
     mesh = mesh if mesh is not None else shd.make_mesh()
-    graphdef, shapes, axes = abstract_model(cfg)
+    graphdef, shapes, axes = abstract_model(fam.model_class, cfg)
     layout, plan, extra_keys = plan_hf_load(reader, cfg, shapes)
     shardings = param_shardings(shapes, axes, mesh)
     params = {}
@@ -197,12 +196,6 @@ def load_hf(hf_dir: str | Path, mesh=None, dtype: str | None = None) -> LoadedMo
     extras = {canon: reader.read(key) for canon, key in extra_keys.items()}
     log.info("loaded %s (%s layout, %d tensors, %d kept unused)", hf_dir, layout.name, len(plan), len(extras))
     return LoadedModel(cfg, graphdef, params, extras, layout.name, hf_dir, mesh)
-
-
-def cast_params(params: dict[tuple, jax.Array], dtype: str | Any) -> dict[tuple, jax.Array]:
-    """Cast every parameter to `dtype` (keeps shardings)."""
-    dt = jnp.dtype(dtype)
-    return {p: (a.astype(dt) if a.dtype != dt else a) for p, a in params.items()}
 
 
 # ------------------------------------------------------------------------------ our checkpoint format
@@ -232,13 +225,18 @@ def load_converted(ckpt_dir: str | Path, mesh=None, dtype: str | None = None) ->
     meta_path = ckpt_dir / META_NAME
     try:
         meta = json.loads(meta_path.read_text())
-        cfg = LlavaConfig.from_json(json.dumps(meta["config"]))
+        fmt = meta["format"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path}: not a valid mstar-jax checkpoint description ({err})") from err
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
+        raise CheckpointError(f"{meta_path}: format {fmt!r} is not an mstar-jax checkpoint ({FORMAT_PREFIX}<family>)")
+    fam = registry.family(meta.get("family") or fmt[len(FORMAT_PREFIX):])
+    try:
+        cfg = fam.config_from_json(json.dumps(meta["config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{meta_path}: its {fam.name} config cannot be read ({err})") from err
     mesh = mesh if mesh is not None else shd.make_mesh()
-    graphdef, shapes, axes = abstract_model(cfg)
+    graphdef, shapes, axes = abstract_model(fam.model_class, cfg)
     dtypes = meta["param_dtypes"]
     shardings = param_shardings(shapes, axes, mesh)
     abstract = {}
@@ -258,7 +256,7 @@ def load_converted(ckpt_dir: str | Path, mesh=None, dtype: str | None = None) ->
         with safe_open(str(local or ckpt_dir / "extras.safetensors"), "np") as f:
             extras = {k: f.get_slice(k)[:] for k in f.keys()}
     hf_files = _local_copy(ckpt_dir / "hf") if (ckpt_dir / "hf").is_dir() else None
-    return LoadedModel(cfg, graphdef, params, extras, meta.get("layout", keymap.DEFAULT_LAYOUT), hf_files, mesh)
+    return LoadedModel(cfg, graphdef, params, extras, meta.get("layout", fam.default_layout), hf_files, mesh)
 
 
 def _local_copy(hf_dir) -> Path:
@@ -357,7 +355,8 @@ def _write_converted(loaded: LoadedModel, out, extra_files: dict[str, bytes] | N
             (out / "extras.safetensors").write_bytes(save(dict(loaded.extras)))  # bytes, since out may be gs://
         _copy_side_files(loaded.hf_files, out / "hf")
         meta = {
-            "format": FORMAT,
+            "format": FORMAT_PREFIX + loaded.family.name,
+            "family": loaded.family.name,
             "version": 1,
             "config": json.loads(loaded.cfg.to_json()),
             "layout": loaded.layout,
@@ -383,23 +382,21 @@ def _refuse_existing(out_dir, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------- HF export
 
 
-def hf_tensors(cfg: LlavaConfig, params: dict[tuple, Any], extras: dict[str, np.ndarray],
-               layout: str | Layout = keymap.DEFAULT_LAYOUT) -> dict[str, np.ndarray]:
-    """All HF tensors (named in `layout`) for our params plus the unused extras, via the key-map table."""
-    if isinstance(layout, str):
-        by_name = {lay.name: lay for lay in keymap.LAYOUTS}
-        if layout not in by_name:
-            raise CheckpointError(f"unknown key layout {layout!r}; known: {', '.join(by_name)}")
-        layout = by_name[layout]
+def hf_tensors(cfg, params: dict[tuple, Any], extras: dict[str, np.ndarray],
+               layout: str | Layout | None = None) -> dict[str, np.ndarray]:
+    """All HF tensors (named in `layout`, default the family's) for our params plus the unused extras, via the
+    family's key-map table."""
+    fam = family_of_config(cfg)
+    if layout is None or isinstance(layout, str):
+        by_name = {lay.name: lay for lay in fam.layouts}
+        name = layout or fam.default_layout
+        if name not in by_name:
+            raise CheckpointError(f"unknown key layout {name!r} for {fam.name}; known: {', '.join(by_name)}")
+        layout = by_name[name]
     out: dict[str, np.ndarray] = {}
-    used = vision_layers_used(cfg)
-    for rule in keymap.rules(cfg):
-        if r"(\d+)" in rule.hf:
-            count = cfg.text.num_layers if rule.hf.startswith("language_model") else used
-            indices = range(count)
-        else:
-            indices = [None]
-        for i in indices:
+    for rule in fam.rules(cfg):
+        count = fam.layer_count(rule, cfg)
+        for i in (range(count) if count is not None else [None]):
             key = rule.hf_key(i)
             m = rule.match(key)
             arrays = [to_host(params[p]) for p in rule.paths(m)]

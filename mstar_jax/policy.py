@@ -7,20 +7,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mstar_jax import sharding as shd
-from mstar_jax.conversion import LoadedModel, load_any, merge
+from mstar_jax.conversion import LoadedModel, load_any
+from mstar_jax.models.base import merge
 from mstar_jax.errors import MstarError
 from mstar_jax.io import to_host
-from mstar_jax.models.llava.model import positions_from_mask
 
 
-def forward_logits(graphdef, params, input_ids, attention_mask, positions, pixel_values):
-    """Pure full forward: fp32 logits [B, T, V] (jit this; graphdef is static)."""
+def forward_logits(graphdef, params, input_ids, attention_mask, positions, images):
+    """Pure full forward: fp32 logits [B, T, V] (jit this; graphdef is static; positions None: the model's)."""
     model = merge(graphdef, params)
-    images = None if pixel_values is None else {"pixel_values": pixel_values}
     logits, _ = model(input_ids, positions, images=images, kv_valid=attention_mask)
     return logits
 
@@ -70,21 +68,14 @@ class Policy:
             raise MstarError(f"input_ids must be [batch, seq], got shape {ids.shape}")
         mask = arrays.get("attention_mask", np.ones_like(ids)).astype(np.int32)
         positions = arrays.get("position_ids")
-        if positions is None:
-            positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
-        pixels = arrays.get("pixel_values")
-        n_image_tokens = int((ids == self.config.image_token_id).sum())
-        if pixels is not None:
-            expected = pixels.shape[0] * self.config.image_seq_length
-            if n_image_tokens != expected:
-                raise MstarError(f"image features and image tokens do not match: {n_image_tokens} image tokens "
-                                 f"in input_ids but {pixels.shape[0]} image(s) x {self.config.image_seq_length}")
-            pixels = self._put(pixels.astype(np.float32), batch_axis=False)
-        elif n_image_tokens:
-            raise MstarError(f"input_ids hold {n_image_tokens} image tokens but the batch has no pixel_values")
+        inputs = self.loaded.family.inputs
+        inputs.check(arrays, self.config)
+        images = inputs.images_of(arrays)
+        if images is not None:
+            images = {k: self._put(v, batch_axis=False) for k, v in images.items()}
         with shd.use_mesh(self.mesh):
-            out = self._forward(self.params, self._put(ids), self._put(mask), self._put(positions.astype(np.int32)),
-                                pixels)
+            out = self._forward(self.params, self._put(ids), self._put(mask),
+                                None if positions is None else self._put(np.asarray(positions, np.int32)), images)
         return to_host(out).astype(np.float32, copy=False)
 
 

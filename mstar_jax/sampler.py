@@ -48,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mstar_jax import sharding as shd
-from mstar_jax.conversion import cast_params, merge
+from mstar_jax.models.base import cast_params, merge
 from mstar_jax.errors import MstarError
 from mstar_jax.io import to_host
 from mstar_jax.models.cache import SharedPrefixCache, share
+from mstar_jax.models.inputs import Prompt
 from mstar_jax.sft_batch import prompt_text
 
 # top-p first looks for the nucleus among this many best tokens and sorts the whole vocabulary only when
@@ -116,34 +117,6 @@ def build_prompts(processor, questions: Sequence[str], images: Sequence[Any] | N
             missing = k - question.count(image_token)
             texts.append((image_token + "\n") * max(0, missing) + question)
     return texts
-
-
-class _Prompt(NamedTuple):
-    ids: np.ndarray  # [T] real tokens only
-    pixels: np.ndarray | None  # [k, C, H, W]
-
-
-def _split_batch(batch: dict, image_token_id: int, image_seq_length: int) -> list[_Prompt]:
-    """Per-prompt ids (padding removed) and pixel values from a padded processor batch."""
-    ids = np.asarray(batch["input_ids"]).astype(np.int32)
-    if ids.ndim != 2:
-        raise MstarError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(bool)
-    pixels = batch.get("pixel_values")
-    pixels = None if pixels is None else np.asarray(pixels, np.float32)
-    per_row = (ids == image_token_id).sum(-1)
-    if np.any(per_row % image_seq_length):
-        raise MstarError(f"rows hold {per_row.tolist()} image tokens, not a multiple of {image_seq_length}")
-    counts = per_row // image_seq_length
-    n_images = 0 if pixels is None else pixels.shape[0]
-    if counts.sum() != n_images:
-        raise MstarError(f"input_ids hold {int(counts.sum())} images' worth of image tokens but the batch has "
-                         f"{n_images} pixel_values")
-    out, start = [], 0
-    for row, m, k in zip(ids, mask, counts):
-        out.append(_Prompt(row[m], None if k == 0 else pixels[start:start + k]))
-        start += k
-    return out
 
 
 # ------------------------------------------------------------------------------------ device functions
@@ -379,7 +352,10 @@ class Sampler:
                  min_new_bucket: int = 16, stop_check_interval: int = 32):
         if processor is None:
             raise MstarError("sampling needs the checkpoint's processor (tokenizer); none was found")
+        from mstar_jax.conversion import family_of_config
+
         self.graphdef, self.config, self.processor, self.mesh = graphdef, config, processor, mesh
+        self.inputs = family_of_config(config).inputs  # the family's processor-batch <-> image-array glue
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_rows, self.min_prompt_bucket, self.min_new_bucket = max_rows, min_prompt_bucket, min_new_bucket
         self.stop_check_interval = stop_check_interval
@@ -442,7 +418,7 @@ class Sampler:
             return jnp.asarray(x)
         return jax.device_put(x, shd.named_sharding(self.mesh, axes, np.shape(x)))
 
-    def prompts_from(self, images=None, prompts=None, batch=None, use_chat_template=True) -> list[_Prompt]:
+    def prompts_from(self, images=None, prompts=None, batch=None, use_chat_template=True) -> list[Prompt]:
         """Per-prompt ids and pixels from (images, prompts) or from a processor batch."""
         if batch is None:
             if prompts is None:
@@ -458,10 +434,10 @@ class Sampler:
                 batch = dict(self.processor(images=flat or None, text=texts, return_tensors="np", padding=True))
             finally:
                 tok.padding_side = side
-        return _split_batch(batch, self.config.image_token_id, self.config.image_seq_length)
+        return self.inputs.split(batch, self.config)
 
-    def _group_arrays(self, group: list[_Prompt], n_prompts: int):
-        """Left-padded ids/mask [B, P], row validity and stacked pixels, with B, P and #images bucketed."""
+    def _group_arrays(self, group: list[Prompt], n_prompts: int):
+        """Left-padded ids/mask [B, P], row validity and the stacked images, with B, P and #images bucketed."""
         p = bucket(max(len(x.ids) for x in group), self.min_prompt_bucket, steps=4)
         ids = np.full((n_prompts, p), self.pad_id, np.int32)
         mask = np.zeros((n_prompts, p), np.int32)
@@ -471,21 +447,15 @@ class Sampler:
             ids[i, p - len(x.ids):] = x.ids
             mask[i, :] = 0
             mask[i, p - len(x.ids):] = 1
-        pix = [x.pixels for x in group if x.pixels is not None]
-        pixels = None
-        if pix:
-            pixels = np.concatenate(pix, axis=0)
-            n_img = bucket(pixels.shape[0])
-            pixels = np.concatenate([pixels, np.zeros((n_img - pixels.shape[0],) + pixels.shape[1:], np.float32)])
         valid = np.arange(n_prompts) < len(group)
-        return ids, mask, valid, pixels
+        return ids, mask, valid, self.inputs.stack(group, bucket)
 
     def _start(self, params, group, indices, n, new_len, seed, cuts=None):
         """Put a prompt group on the mesh and run the prefill.
 
         `cuts`: per prompt, the token counts of its ids to continue from (default: all of them, once)."""
         b = bucket(len(group))
-        ids, mask, valid, pixels = self._group_arrays(group, b)
+        ids, mask, valid, images = self._group_arrays(group, b)
         p = ids.shape[1]
         s_ends = 1 if cuts is None else bucket(max(len(c) for c in cuts))
         ends = np.full((b, s_ends), p, np.int32)
@@ -499,7 +469,8 @@ class Sampler:
         index[:len(indices)] = indices
         with shd.use_mesh(self.mesh):
             state = self._prefill(params, self._put(ids, ("batch", None)), self._put(mask, ("batch", None)),
-                                  None if pixels is None else {"pixel_values": self._put(pixels, (None,) * pixels.ndim)},
+                                  None if images is None else {k: self._put(v, axes) for (k, v), axes in zip(
+                                      images.items(), self.inputs.shardings(images).values())},
                                   self._put(valid, ("batch",)), self._put(index, ("batch",)),
                                   jnp.uint32(seed), self._put(ends, ("batch", None)),
                                   self._put(ends_valid, ("batch", None)), n=n, new_len=new_len)
@@ -575,7 +546,7 @@ class Sampler:
             if not cs or min(cs) < 0 or max(cs) > len(cont):
                 raise MstarError(f"prompt {i}: cuts {cs} must be non-empty and within its {len(cont)} continuation "
                                  "tokens")
-            items.append(_Prompt(np.concatenate([x.ids, np.asarray(cont[:max(cs)], np.int32)]), x.pixels))
+            items.append(Prompt(np.concatenate([x.ids, np.asarray(cont[:max(cs)], np.int32)]), x.images))
             # A cut of 0 continues the bare prompt (at least one prompt token is always visible).
             item_cuts.append([len(x.ids) + c for c in cs])
         indices = list(range(len(items))) if indices is None else [int(i) for i in indices]

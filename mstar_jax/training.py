@@ -25,7 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mstar_jax import sharding as shd
-from mstar_jax.conversion import merge
+from mstar_jax.models.base import merge
 from mstar_jax.errors import TrainingError
 from mstar_jax.optim import OptimConfig, make_optimizer, make_schedule, schedule_count, with_schedule_count
 from mstar_jax.sft_batch import BATCH_KEYS

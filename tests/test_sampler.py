@@ -374,7 +374,7 @@ def test_completions_from_step_prefixes_equal_generate_on_each_prefix(policies, 
     def reference(i, c, n, temperature):
         base = sampler.prompts_from([[imgs[i]]], [prompts[i]])[0]
         ids = np.concatenate([base.ids, np.asarray(conts[i][:c], np.int32)])[None]
-        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": base.pixels}
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), **base.images}
         return sampler.generate(policy.params, batch=batch, n=n, temperature=temperature, max_new_tokens=6,
                                 seed=11)[0]
 

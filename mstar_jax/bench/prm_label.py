@@ -74,7 +74,7 @@ def bench_prm_label(args) -> int:
         for im, q, ids, cs in zip(images, questions, conts, cuts):
             base = sampler.prompts_from([[im]], [q])[0]
             for cut in cs:
-                prefixes.append((np.concatenate([base.ids, np.asarray(ids[:cut], np.int32)]), base.pixels))
+                prefixes.append((np.concatenate([base.ids, np.asarray(ids[:cut], np.int32)]), base.images["pixel_values"]))
 
         def hf():
             torch.manual_seed(0)

@@ -21,14 +21,17 @@ class Rule:
     """One HF key pattern <-> our parameter path(s).
 
     kind: "copy" (same layout), "linear" (torch [out, in] <-> our [in, out]), "split" (a fused torch Linear
-    whose output rows are several of our kernels; `sizes(cfg)` gives their row counts) or "patch" (a conv
-    [D, C, p, p] <-> our [C*p*p, D] matmul kernel).
+    whose output rows are several of our kernels; `sizes(cfg)` gives their row counts), "patch" (a conv
+    [D, C, p, p] <-> our [C*p*p, D] matmul kernel) or "custom": `custom` = (to_ours(tensor, cfg) -> [arrays],
+    to_hf(arrays, cfg) -> tensor, hf_shape(our shapes, cfg) -> shape), a family's own transform (e.g. a packed
+    qkv grouped per kv head).
     """
 
     hf: str
     ours: tuple[str, ...]
     kind: str = "copy"
     sizes: Callable | None = None
+    custom: tuple[Callable, Callable, Callable] | None = None
 
     def match(self, key: str) -> re.Match | None:
         """Match a canonical HF key against this rule."""
@@ -58,6 +61,8 @@ class Rule:
         if self.kind == "split":
             bounds = np.cumsum(self.sizes(cfg))[:-1]
             return [part.T for part in np.split(tensor, bounds, axis=0)]
+        if self.kind == "custom":
+            return list(self.custom[0](tensor, cfg))
         raise ValueError(self.kind)
 
     def to_hf(self, arrays: Sequence[np.ndarray], cfg) -> np.ndarray:
@@ -71,6 +76,8 @@ class Rule:
             return arrays[0].T.reshape(-1, v.num_channels, v.patch_size, v.patch_size)
         if self.kind == "split":
             return np.concatenate([a.T for a in arrays], axis=0)
+        if self.kind == "custom":
+            return self.custom[1](arrays, cfg)
         raise ValueError(self.kind)
 
     def hf_shape(self, our_shapes: Sequence[tuple[int, ...]], cfg) -> tuple[int, ...]:
@@ -82,6 +89,8 @@ class Rule:
         if self.kind == "patch":
             v = cfg.vision
             return (our_shapes[0][1], v.num_channels, v.patch_size, v.patch_size)
+        if self.kind == "custom":
+            return tuple(self.custom[2](our_shapes, cfg))
         return (sum(s[1] for s in our_shapes), our_shapes[0][0])
 
     def read_slice(self, reader, part: int, index: tuple[slice, ...], cfg) -> np.ndarray:
@@ -101,26 +110,28 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a checkpoint prefixes the LM, its head, the vision tower and the projector."""
+    """How a published checkpoint prefixes the parts of a model: (canonical prefix, this layout's prefix) pairs,
+    tried in order (put a more specific prefix, such as the LM head's, before the one it extends)."""
 
     name: str
-    lm: str
-    head: str
-    vision: str
-    projector: str
+    prefixes: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def llava(cls, name: str, lm: str, head: str, vision: str, projector: str) -> "Layout":
+        """The four parts of a LLaVA-style checkpoint: LM, its head, vision tower, projector."""
+        return cls(name, (("lm_head.", head), ("language_model.", lm), ("vision_tower.", vision),
+                          ("multi_modal_projector.", projector)))
 
     def to_canonical(self, key: str) -> str | None:
         """Strip this layout's prefixes; None if the key does not belong to it."""
-        for prefix, canon in ((self.head, "lm_head."), (self.lm, "language_model."), (self.vision, "vision_tower."),
-                              (self.projector, "multi_modal_projector.")):
+        for canon, prefix in self.prefixes:
             if key.startswith(prefix):
                 return canon + key[len(prefix):]
         return None
 
     def from_canonical(self, key: str) -> str:
         """Add this layout's prefixes to a canonical key."""
-        for canon, prefix in (("lm_head.", self.head), ("language_model.", self.lm), ("vision_tower.", self.vision),
-                              ("multi_modal_projector.", self.projector)):
+        for canon, prefix in self.prefixes:
             if key.startswith(canon):
                 return prefix + key[len(canon):]
         raise KeyError(key)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mstar_jax import sharding as shd
-from mstar_jax.conversion import merge
+from mstar_jax.models.base import merge
 from mstar_jax.training import Objective
 
 HEAD_W = ("reward_head", "kernel")  # [hidden] float32

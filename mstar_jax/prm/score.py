@@ -100,7 +100,7 @@ class ProcessRewardModel:
             raise DataError(f"{len(prompts)} prompts, {len(images)} images and {len(responses)} responses")
         params = self.params
         if self.param_dtype:
-            from mstar_jax.conversion import cast_params
+            from mstar_jax.models.base import cast_params
 
             # The head stays float32: it is one dot product, and the scores are compared at 0.1 resolution.
             params = {p: (params[p] if M.is_head(p) else a) for p, a in cast_params(params, self.param_dtype).items()}

@@ -10,14 +10,14 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from mstar_jax import sharding as shd
-from mstar_jax.conversion import abstract_model
+from mstar_jax.conversion import model_skeleton
 from mstar_jax.models.llava.config import PRESETS, preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_plans_an_fsdp_sharding_without_weights(name):
     mesh = AbstractMesh((1, 8, 1), ("data", "fsdp", "tensor"))  # 8 devices that need not exist
-    _, shapes, axes = abstract_model(preset(name), jnp.bfloat16)
+    _, shapes, axes = model_skeleton(preset(name), jnp.bfloat16)
     total = per_device = 0
     for path, s in shapes.items():
         assert not hasattr(s, "addressable_shards"), path  # shapes only: nothing allocated

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mstar_jax.errors import CheckpointError
 
@@ -71,6 +71,7 @@ class TextConfig:
 class LlavaConfig:
     """Vision tower + 2-layer MLP projector + decoder LM, as `LlavaForConditionalGeneration`."""
 
+    FAMILY: ClassVar[str] = "llava"  # the registry entry (mstar_jax.models.llava)
     vision: VisionConfig
     text: TextConfig
     image_token_id: int
@@ -228,15 +229,16 @@ def from_hf_config(hf: Any) -> LlavaConfig:
 
 def load_hf_config(hf_dir: str | Path) -> LlavaConfig:
     """Read `config.json` through `transformers.AutoConfig` (never with remote code) into our config."""
+    from mstar_jax.models.registry import read_config_json
+
+    return from_config_json(read_config_json(hf_dir), hf_dir)
+
+
+def from_config_json(raw: dict, hf_dir: str | Path) -> LlavaConfig:
+    """Our config from a checkpoint's config.json (already read into `raw`), through `transformers.AutoConfig`."""
     import transformers
 
     path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no config.json; is {hf_dir} a Hugging Face checkpoint directory?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
     model_type = raw.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         raise CheckpointError(

@@ -6,21 +6,23 @@ Canonical keys drop the layout prefixes (`language_model.`, `lm_head.`, `vision_
 
 from __future__ import annotations
 
+import re
+
 from mstar_jax.models.llava.config import LlavaConfig
 from mstar_jax.models.mapping import Layout, Rule
 
 LAYOUTS = (
     # llava-hf hub checkpoints (and what transformers 5.x save_pretrained writes for the LM side).
-    Layout("hub", "language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
+    Layout.llava("hub", "language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
            "multi_modal_projector."),
     # transformers 4.5x save_pretrained.
-    Layout("transformers-4.5x", "model.language_model.", "lm_head.", "model.vision_tower.vision_model.",
+    Layout.llava("transformers-4.5x", "model.language_model.", "lm_head.", "model.vision_tower.vision_model.",
            "model.multi_modal_projector."),
     # transformers 5.x save_pretrained: the vision tower lost its `vision_model.` level.
-    Layout("transformers-5", "language_model.model.", "language_model.lm_head.", "vision_tower.",
+    Layout.llava("transformers-5", "language_model.model.", "language_model.lm_head.", "vision_tower.",
            "multi_modal_projector."),
     # transformers 5.x in-memory state_dict names.
-    Layout("transformers-5-state-dict", "model.language_model.", "lm_head.", "model.vision_tower.",
+    Layout.llava("transformers-5-state-dict", "model.language_model.", "lm_head.", "model.vision_tower.",
            "model.multi_modal_projector."),
 )
 DEFAULT_LAYOUT = "hub"
@@ -98,3 +100,25 @@ def rules(cfg: LlavaConfig) -> list[Rule]:
             Rule(r"vision_tower\.pre_layrnorm\.bias", ("vision_tower.pre_layrnorm.bias",)),
         ]
     return table
+
+
+def is_known_unused(canon: str, cfg: LlavaConfig) -> bool:
+    """Tensors a LLaVA forward never reads but a faithful export must keep (SigLIP's pooling head, CLIP's
+    post-layernorm, vision layers after the feature layer, a tied checkpoint's lm_head)."""
+    from mstar_jax.models.llava.model import vision_layers_used
+
+    if canon.startswith(("vision_tower.post_layernorm.", "vision_tower.head.")):
+        return True
+    m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", canon)
+    if m and int(m.group(1)) >= vision_layers_used(cfg):
+        return int(m.group(1)) < cfg.vision.num_layers
+    return canon == "lm_head.weight" and cfg.tie_word_embeddings
+
+
+def layer_count(rule: Rule, cfg: LlavaConfig) -> int | None:
+    """How many layers a per-layer rule spans (None for a rule without a layer index)."""
+    from mstar_jax.models.llava.model import vision_layers_used
+
+    if r"(\d+)" not in rule.hf:
+        return None
+    return cfg.text.num_layers if rule.hf.startswith("language_model") else vision_layers_used(cfg)
