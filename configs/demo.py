@@ -87,6 +87,9 @@ def get_config() -> ConfigDict:
     c.train.total_steps = 0  # length of the continuous LR schedule (0 = estimate from the query set)
     c.train.freeze_vision = False
     c.train.compute_dtype = "float32"
+    # jax.checkpoint around each layer: none | dots (keep matmul outputs) | full (keep layer inputs); less
+    # activation memory for more compute (`mstar plan` shows how much).
+    c.train.remat = "none"
 
     # Dynamics (paper 4.1) and adaptive temperature (paper 4.2).
     # scorer: what Reward-Pass@2 (and so the adaptive temperature) ranks by: prm | mean_logprob.

@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "mstar_jax.commands.study",
     "mstar_jax.commands.demo",
     "mstar_jax.commands.prm",
+    "mstar_jax.commands.plan",
 )
 
 

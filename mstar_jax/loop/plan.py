@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mstar_jax.errors import ConfigError
+from mstar_jax.remat import check_policy
 
 DTYPES = ("float32", "bfloat16", "float16")
 SPLITS = ("warmup", "train", "val", "test_id", "test_ood")
@@ -41,6 +42,7 @@ def validate(cfg) -> None:
     iterations_per_pass(cfg.train.interval)
     if cfg.train.compute_dtype not in DTYPES:
         raise ConfigError(f"train.compute_dtype must be one of {', '.join(DTYPES)}, got {cfg.train.compute_dtype!r}")
+    check_policy(cfg.train.remat)
     if cfg.sampling.dtype not in ("",) + DTYPES:
         raise ConfigError(f"sampling.dtype must be empty or one of {', '.join(DTYPES)}, got {cfg.sampling.dtype!r}")
     OptimConfig.from_config(cfg.train, 1)  # schedule name, warm-up ratio
