@@ -29,9 +29,18 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def _inputs(inputs):
+    if inputs is None:
+        from mstar_jax.models.inputs import FixedImages
+
+        return FixedImages()
+    return inputs
+
+
 def sft_example(processor, question: str, response: str, image: Any | None = None,
-                max_length: int | None = None) -> dict[str, np.ndarray]:
-    """Unpadded ids, loss mask (1 on response + EOS) and pixel values of one example."""
+                max_length: int | None = None, inputs=None) -> dict[str, np.ndarray]:
+    """Unpadded ids, loss mask (1 on response + EOS) and the image arrays (the family's `inputs` glue; default
+    pixel_values) of one example."""
     tok = getattr(processor, "tokenizer", processor)
     text = prompt_text(processor, question, int(image is not None))
     if image is not None:
@@ -48,13 +57,14 @@ def sft_example(processor, question: str, response: str, image: Any | None = Non
     out = {"input_ids": np.concatenate([prompt, reply]),
            "loss_mask": np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(reply), np.int32)])}
     if image is not None:
-        out["pixel_values"] = np.asarray(enc["pixel_values"], np.float32)
+        out["images"] = _inputs(inputs).example_images(enc)
     return out
 
 
 def pad_examples(examples: Sequence[dict[str, np.ndarray]], pad_id: int, padding_side: str = "right",
-                 pad_to_multiple: int = 1, length: int | None = None) -> dict[str, np.ndarray]:
-    """Stack examples into a batch padded to a common length (rounded up, so fewer shapes compile)."""
+                 pad_to_multiple: int = 1, length: int | None = None, inputs=None) -> dict[str, np.ndarray]:
+    """Stack examples into a batch padded to a common length (rounded up, so fewer shapes compile); images go
+    through the family's `inputs.batch_images` (leading row axis)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not examples:
@@ -73,7 +83,7 @@ def pad_examples(examples: Sequence[dict[str, np.ndarray]], pad_id: int, padding
         ids[i, sl], attn[i, sl], loss[i, sl] = e["input_ids"], 1, e["loss_mask"]
     batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
     # Other per-token arrays (e.g. the PRM's float `targets`) are padded with zeros the same way.
-    for k in sorted({k for e in examples for k in e} - {"input_ids", "loss_mask", "pixel_values"}):
+    for k in sorted({k for e in examples for k in e} - {"input_ids", "loss_mask", "images"}):
         first = np.asarray(examples[0][k])
         if first.ndim != 1 or len(first) != len(examples[0]["input_ids"]):
             continue
@@ -82,24 +92,24 @@ def pad_examples(examples: Sequence[dict[str, np.ndarray]], pad_id: int, padding
             n = len(e["input_ids"])
             extra[i, slice(0, n) if padding_side == "right" else slice(t - n, t)] = e[k]
         batch[k] = extra
-    with_images = [e for e in examples if "pixel_values" in e]
+    with_images = [e for e in examples if e.get("images") is not None]
     if with_images and len(with_images) != b:
         raise DataError(f"{len(with_images)} of {b} SFT examples have an image; a batch must be all-image or "
                         "all-text")
     if with_images:
-        batch["pixel_values"] = np.concatenate([e["pixel_values"] for e in examples], axis=0)
+        batch.update(_inputs(inputs).batch_images([e["images"] for e in examples], "SFT batch"))
     return batch
 
 
 def sft_batch(processor, questions: Sequence[str], responses: Sequence[str], images: Sequence[Any] | None = None,
               padding_side: str = "right", pad_to_multiple: int = 1, max_length: int | None = None,
-              length: int | None = None) -> dict[str, np.ndarray]:
+              length: int | None = None, inputs=None) -> dict[str, np.ndarray]:
     """input_ids / attention_mask / loss_mask [B, T] (+ pixel_values [B, C, H, W]) for (question, image, response)."""
     images = list(images) if images is not None else [None] * len(questions)
     if not len(questions) == len(responses) == len(images):
         raise DataError(f"{len(questions)} questions, {len(responses)} responses and {len(images)} images; "
                         "pass one of each per example")
-    examples = [sft_example(processor, q, r, im, max_length) for q, r, im in zip(questions, responses, images)]
+    examples = [sft_example(processor, q, r, im, max_length, inputs) for q, r, im in zip(questions, responses, images)]
     tok = getattr(processor, "tokenizer", processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else _eos_id(tok)
-    return pad_examples(examples, int(pad), padding_side, pad_to_multiple, length)
+    return pad_examples(examples, int(pad), padding_side, pad_to_multiple, length, inputs)

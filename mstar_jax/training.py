@@ -293,11 +293,13 @@ class TrainStep:
     """`step(state, batch) -> (state, metrics)`: one jitted, sharded, accumulated AdamW update."""
 
     def __init__(self, graphdef, optim: OptimConfig, mesh=None, *, micro_batch: int | None = None,
-                 compute_dtype: Any = "float32", targets_multiple: int = 16, objective: Objective = SFT):
+                 compute_dtype: Any = "float32", targets_multiple: int = 16, objective: Objective = SFT,
+                 image_keys: tuple[str, ...] = ("pixel_values",)):
         # Optax transforms are pure: this tx and any other make_optimizer(optim) share one state layout.
         self.graphdef, self.optim, self.tx, self.mesh = graphdef, optim, make_optimizer(optim), mesh
         self.micro_batch, self.compute_dtype = micro_batch, jnp.dtype(compute_dtype)
         self.targets_multiple, self.objective = targets_multiple, objective
+        self.image_keys = tuple(image_keys)  # the family's image arrays in a batch (a leading row axis each)
 
     def _update_fn(self, state: TrainState):
         leaves, treedef = jax.tree.flatten(jax.tree.map(lambda a: _canonical(a.sharding), state))
@@ -310,7 +312,8 @@ class TrainStep:
 
     def put_batch(self, batch: dict[str, Any]) -> tuple[dict[str, jax.Array], int, int]:
         """Host batch [B, ...] -> device batch [B/micro, micro, ...] sharded over (data, fsdp); + target bound, groups."""
-        arrays = {k: np.asarray(batch[k]) for k in self.objective.keys if batch.get(k) is not None}
+        keys = tuple(dict.fromkeys(self.objective.keys + self.image_keys))
+        arrays = {k: np.asarray(batch[k]) for k in keys if batch.get(k) is not None}
         for k in ("input_ids", "attention_mask", "loss_mask"):
             if k not in arrays:
                 raise TrainingError(f"SFT batch has no {k!r}; build it with mstar_jax.sft_batch.sft_batch")
@@ -318,9 +321,10 @@ class TrainStep:
         micro = self.micro_batch or b
         if b % micro:
             raise TrainingError(f"global batch {b} is not a multiple of the micro-batch {micro}")
-        if "pixel_values" in arrays and arrays["pixel_values"].shape[0] != b:
-            raise TrainingError(f"SFT batches need exactly one image per row: {arrays['pixel_values'].shape[0]} "
-                                f"images for {b} rows")
+        for k in self.image_keys:
+            if k in arrays and arrays[k].shape[0] != b:
+                raise TrainingError(f"SFT batches need their image arrays by row: {k} has {arrays[k].shape[0]} "
+                                    f"entries for {b} rows (one image per row)")
         for k, a in arrays.items():  # a NaN input would train on garbage: refuse it before the step
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
                 rows = np.flatnonzero(~np.isfinite(a.reshape(b, -1)).all(axis=1)).tolist()

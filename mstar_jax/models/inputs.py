@@ -26,6 +26,26 @@ class Prompt(NamedTuple):
 class FixedImages:
     """Images as `pixel_values` [N, C, H, W], each filling `tokens_per_image(cfg)` placeholder tokens in order."""
 
+    # The batch keys that carry images (processor output, SFT / PRM batches, the model's `images` argument).
+    batch_keys = ("pixel_values",)
+    # The model takes images["index"]: rows that share an image reuse its features (the PRM scores n responses to
+    # one image with one vision-tower pass).
+    shares_images = True
+
+    def example_images(self, enc: dict) -> dict:
+        """The image arrays of one encoded example (a processor output for one prompt)."""
+        return {"pixel_values": np.asarray(enc["pixel_values"], np.float32)}
+
+    def batch_images(self, per_row: list[dict | None], where: str = "batch") -> dict | None:
+        """The images of a training or scoring batch, with a leading row axis: one image per row here (an SFT
+        step reshapes every batch array to [micro-steps, micro-batch, ...])."""
+        if all(r is None for r in per_row):
+            return None
+        counts = [0 if r is None else len(r["pixel_values"]) for r in per_row]
+        if any(c != 1 for c in counts):
+            raise MstarError(f"{where}: rows hold {counts} images; a batch needs exactly one image per row")
+        return {"pixel_values": np.concatenate([r["pixel_values"] for r in per_row], axis=0)}
+
     def image_token_id(self, cfg) -> int:
         """The placeholder token the processor expands per image."""
         return int(cfg.image_token_id)

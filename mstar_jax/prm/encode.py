@@ -30,26 +30,28 @@ def response_tokens(tokenizer, response: str) -> tuple[list[int], list[tuple[int
         return ids, offsets
 
 
-def prompt_ids(processor, prompt: str, image: Any | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(ids of the templated prompt with image tokens expanded, pixel values [k, C, H, W] or None)."""
-    from mstar_jax.sft_batch import prompt_text
+def prompt_ids(processor, prompt: str, image: Any | None, inputs=None) -> tuple[np.ndarray, dict | None]:
+    """(ids of the templated prompt with image tokens expanded, its image arrays (the family's `inputs` glue;
+    default pixel_values) or None)."""
+    from mstar_jax.sft_batch import _inputs, prompt_text
 
-    text = prompt_text(processor, prompt, image is not None)
+    text = prompt_text(processor, prompt, int(image is not None))
     if image is not None:
         enc = processor(images=[image], text=[text], return_tensors="np")
-        return np.asarray(enc["input_ids"][0], np.int32), np.asarray(enc["pixel_values"], np.float32)
+        return np.asarray(enc["input_ids"][0], np.int32), _inputs(inputs).example_images(enc)
     tok = getattr(processor, "tokenizer", processor)
     return np.asarray(tok([text], return_tensors="np")["input_ids"][0], np.int32), None
 
 
 def encode(processor, prompt: str, image: Any | None, response: str, spans: Sequence[tuple[int, int]],
-           labels: Sequence[float] | None = None, max_length: int | None = None, where: str = "") -> dict:
+           labels: Sequence[float] | None = None, max_length: int | None = None, where: str = "",
+           inputs=None) -> dict:
     """One PRM row: input_ids [T], ends [S] (absolute end-token positions), and with `labels` the loss mask and
-    targets [T]; pixel_values when there is an image. Steps cut off by `max_length` are dropped."""
+    targets [T]; `images` (the family's arrays) when there is an image. Steps cut off by `max_length` are dropped."""
     if not spans:
         raise DataError(f"{where or 'response'}: empty response (no steps to score)")
     tok = getattr(processor, "tokenizer", processor)
-    p_ids, pixels = prompt_ids(processor, prompt, image)
+    p_ids, images = prompt_ids(processor, prompt, image, inputs)
     r_ids, offsets = response_tokens(tok, response)
     ends = end_tokens(offsets, spans)
     keep = len(ends)
@@ -65,8 +67,8 @@ def encode(processor, prompt: str, image: Any | None, response: str, spans: Sequ
     ends = ends[:keep]
     row = {"input_ids": np.concatenate([p_ids, np.asarray(r_ids, np.int32)]),
            "ends": np.asarray(ends, np.int32) + len(p_ids), "num_steps": keep}
-    if pixels is not None:
-        row["pixel_values"] = pixels
+    if images is not None:
+        row["images"] = images
     if labels is not None:
         targets, mask = token_targets(ends, list(labels)[:keep], len(r_ids))
         row["targets"] = np.concatenate([np.zeros(len(p_ids), np.float32), targets])

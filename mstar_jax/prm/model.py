@@ -22,7 +22,7 @@ from mstar_jax.training import Objective
 HEAD_W = ("reward_head", "kernel")  # [hidden] float32
 HEAD_B = ("reward_head", "bias")  # [] float32
 HEAD_PATHS = (HEAD_W, HEAD_B)
-PRM_KEYS = ("input_ids", "attention_mask", "loss_mask", "targets", "pixel_values")
+PRM_KEYS = ("input_ids", "attention_mask", "loss_mask", "targets")  # + the family's image keys (TrainStep)
 
 
 def is_head(path: tuple) -> bool:
@@ -51,13 +51,10 @@ def with_head(params: dict, head: dict) -> dict:
     return {**backbone(params), **head}
 
 
-def token_scores(graphdef, params: dict, input_ids, attention_mask, pixel_values=None, image_rows=None):
-    """Head outputs [B, T] (float32) at every position of prompt + response rows.
-
-    `image_rows` [num images]: which distinct image of `pixel_values` each row's image tokens take, so n
-    responses to one image run the vision tower once (None: one image per row, in order)."""
+def token_scores(graphdef, params: dict, input_ids, attention_mask, images=None):
+    """Head outputs [B, T] (float32) at every position of prompt + response rows (`images`: the model's argument,
+    e.g. with an "index" so that n responses to one image run the vision tower once)."""
     model = merge(graphdef, backbone(params))
-    images = None if pixel_values is None else {"pixel_values": pixel_values, "index": image_rows}
     h, _ = model(input_ids, images=images, kv_valid=attention_mask, hidden_only=True)
     w = params[HEAD_W].astype(jnp.float32)
     return jnp.einsum("btd,d->bt", h.astype(jnp.float32), w) + params[HEAD_B].astype(jnp.float32)
@@ -66,7 +63,8 @@ def token_scores(graphdef, params: dict, input_ids, attention_mask, pixel_values
 def _prm_loss_sum(graphdef, params, micro, num_targets, groups):
     """Sum over scored tokens of (score - label)^2 (num_targets / groups: unused, the head is one dot)."""
     del num_targets, groups
-    scores = token_scores(graphdef, params, micro["input_ids"], micro["attention_mask"], micro.get("pixel_values"))
+    model = merge(graphdef, backbone(params))
+    scores = token_scores(graphdef, params, micro["input_ids"], micro["attention_mask"], model.image_inputs(micro))
     mask = micro["loss_mask"].astype(jnp.float32)
     return jnp.sum(mask * (scores - micro["targets"].astype(jnp.float32)) ** 2)
 

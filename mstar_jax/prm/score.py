@@ -42,9 +42,9 @@ def aggregate(step_scores: Sequence[float], how: str = "min") -> float:
     return float({"min": np.min, "mean": np.mean, "last": lambda x: x[-1], "product": np.prod}[how](s))
 
 
-def _end_scores(graphdef, params, ids, mask, pixels, image_rows, ends):
+def _end_scores(graphdef, params, ids, mask, images, ends):
     """Head outputs at the step end positions `ends` [B, S] of prompt + response rows."""
-    scores = M.token_scores(graphdef, params, ids, mask, pixels, image_rows)
+    scores = M.token_scores(graphdef, params, ids, mask, images)
     return jnp.take_along_axis(scores, ends, axis=1)
 
 
@@ -74,6 +74,7 @@ class ProcessRewardModel:
         self.batch_rows, self.max_length, self.meta = int(batch_rows), max_length, dict(meta or {})
         self.prompt_fn = prompt_fn
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.inputs = loaded.family.inputs
         self.param_dtype: str | None = None  # e.g. "bfloat16" to score with a cast copy
         check_tokenizer(self.tokenizer, loaded.cfg.text.vocab_size, "the PRM")
         self._fn = jax.jit(functools.partial(_end_scores, loaded.graphdef))
@@ -113,8 +114,8 @@ class ProcessRewardModel:
                 continue
             key = (prompt, id(image))
             if key not in prompt_cache:
-                prompt_cache[key] = prompt_ids(self.processor, prompt, image) + (len(prompt_cache),)
-            p_ids, pixels, image_index = prompt_cache[key]
+                prompt_cache[key] = prompt_ids(self.processor, prompt, image, self.inputs) + (len(prompt_cache),)
+            p_ids, images, image_index = prompt_cache[key]
             r_ids, offsets = response_tokens(self.tokenizer, response)
             ends = end_tokens(offsets, spans)
             if self.max_length is not None and len(p_ids) + ends[-1] + 1 > self.max_length:
@@ -124,7 +125,7 @@ class ProcessRewardModel:
                 rows.append(None)
                 continue
             ids = np.concatenate([p_ids, np.asarray(r_ids[:ends[-1] + 1], np.int32)])
-            rows.append((ids, np.asarray(ends, np.int32) + len(p_ids), pixels, image_index))
+            rows.append((ids, np.asarray(ends, np.int32) + len(p_ids), images, image_index))
         out: list[list[float]] = [[] for _ in rows]
         order = sorted((i for i, r in enumerate(rows) if r is not None), key=lambda i: len(rows[i][0]))
         for g in range(0, len(order), self.batch_rows):
@@ -143,29 +144,42 @@ class ProcessRewardModel:
         mask = np.zeros((b, t), np.int32)
         ends = np.zeros((b, s), np.int32)
         mask[:, 0] = 1  # padding rows: one valid position keeps their attention defined
-        entries, entry_of, image_rows = [], {}, []
-        for i, (r_ids, r_ends, pixels, image_index) in enumerate(rows):
+        for i, (r_ids, r_ends, _, _) in enumerate(rows):
             ids[i, :len(r_ids)], mask[i, :len(r_ids)] = r_ids, 1
             ends[i, :len(r_ends)] = r_ends
-            if pixels is not None:
-                if image_index not in entry_of:
-                    entry_of[image_index] = len(entries)
-                    entries.append(pixels)
-                first = sum(len(e) for e in entries[:entry_of[image_index]])
-                image_rows += list(range(first, first + len(pixels)))
-        pixels = rows_index = None
-        if entries:
-            stacked = np.concatenate(entries, axis=0)
-            n_img = _bucket(stacked.shape[0])
-            pixels = np.concatenate([stacked, np.zeros((n_img - stacked.shape[0],) + stacked.shape[1:], np.float32)])
-            rows_index = np.zeros((_bucket(len(image_rows)),), np.int32)
-            rows_index[:len(image_rows)] = image_rows
+        images = self._group_images(rows, b)
+        if images is not None:
+            # Shared images are replicated (few, read by every row); per-row ones are split like the rows.
+            lead = (None,) if self.inputs.shares_images else ("batch",)
+            images = {k: self._put(v, lead + (None,) * (np.ndim(v) - 1)) for k, v in images.items()}
         with shd.use_mesh(self.mesh):
-            out = self._fn(params, self._put(ids, ("batch", None)), self._put(mask, ("batch", None)),
-                           None if pixels is None else self._put(pixels, (None,) * pixels.ndim),
-                           None if rows_index is None else self._put(rows_index, (None,)),
+            out = self._fn(params, self._put(ids, ("batch", None)), self._put(mask, ("batch", None)), images,
                            self._put(ends, ("batch", None)))
         return to_host(out)[:len(rows)]
+
+    def _group_images(self, rows: list[tuple], b: int) -> dict | None:
+        """The model's images for a group of rows: each distinct image once plus an index (families that share
+        images), else one entry per row (padding rows repeat the first)."""
+        if all(r[2] is None for r in rows):
+            return None
+        if not self.inputs.shares_images:
+            per_row = [r[2] for r in rows] + [rows[0][2]] * (b - len(rows))
+            return self.inputs.batch_images(per_row, "PRM scoring")
+        entries, entry_of, index = [], {}, []
+        for _, _, images, image_index in rows:
+            if images is None:
+                continue
+            if image_index not in entry_of:
+                entry_of[image_index] = sum(len(e) for e in entries)
+                entries.append(images["pixel_values"])
+            first = entry_of[image_index]
+            index += list(range(first, first + len(images["pixel_values"])))
+        stacked = np.concatenate(entries, axis=0)
+        pad = _bucket(stacked.shape[0]) - stacked.shape[0]
+        index_arr = np.zeros((_bucket(len(index)),), np.int32)
+        index_arr[:len(index)] = index
+        return {"pixel_values": np.concatenate([stacked, np.zeros((pad,) + stacked.shape[1:], np.float32)]),
+                "index": index_arr}
 
     def _item_inputs(self, items: Sequence[dict]) -> tuple[list[str], list[Any]]:
         from mstar_jax.loop.prompts import cot_prompt

@@ -35,23 +35,23 @@ def split_heldout(records: Sequence[dict], fraction: float, seed: int = 0) -> tu
     return train, held
 
 
-def record_row(processor, rec: dict, max_length: int | None, where: str = "") -> dict:
+def record_row(processor, rec: dict, max_length: int | None, where: str = "", inputs=None) -> dict:
     """Encode one label record (prompt, image, response, step spans and labels)."""
     image = load_image(rec["images"][0]) if rec.get("images") else None
     spans = [tuple(st["span"]) for st in rec["steps"]]
     labels = [float(st["label"]) for st in rec["steps"]]
     return encode(processor, rec["prompt"], image, rec["response"], spans, labels, max_length,
-                  where or f"query {rec.get('query_id')!r} response {rec.get('response_index')}")
+                  where or f"query {rec.get('query_id')!r} response {rec.get('response_index')}", inputs)
 
 
 class PRMExamples:
     """Encodes label records for the Trainer (drops the scoring-only fields)."""
 
-    def __init__(self, processor, max_length: int | None):
-        self.processor, self.max_length = processor, max_length
+    def __init__(self, processor, max_length: int | None, inputs=None):
+        self.processor, self.max_length, self.inputs = processor, max_length, inputs
 
     def __call__(self, rec: dict) -> dict:
-        row = record_row(self.processor, rec, self.max_length)
+        row = record_row(self.processor, rec, self.max_length, inputs=self.inputs)
         return {k: v for k, v in row.items() if k not in ("ends", "num_steps")}
 
 
@@ -93,7 +93,7 @@ def train_prm(backbone, processor, records: Sequence[dict], train_cfg, *, step_r
     policy = Policy(backbone, processor)
     params = M.with_head(backbone.params, M.init_head(backbone.graphdef, backbone.params, backbone.mesh))
     trainer = Trainer(policy, train_cfg, total_steps=1, max_length=max_length or 10 ** 9, seed=seed,
-                      objective=M.PRM_MSE, encode=PRMExamples(processor, max_length))
+                      objective=M.PRM_MSE, encode=PRMExamples(processor, max_length, backbone.family.inputs))
     epochs = float(train_cfg.epochs)
     steps = trainer.num_steps(len(train), epochs)
     trainer.total_steps = steps

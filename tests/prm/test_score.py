@@ -88,7 +88,7 @@ def test_save_load_and_hf_export_score_the_same(prm, tmp_path):
                  split_steps(RESPONSES[0], "sentences"))
     with torch.no_grad():
         out = model.model(input_ids=torch.tensor(row["input_ids"][None]).long(),
-                          pixel_values=torch.tensor(row["pixel_values"]))
+                          pixel_values=torch.tensor(row["images"]["pixel_values"]))
         hf_steps = head(out.last_hidden_state)[0, :, 0][torch.tensor(row["ends"]).long()].numpy()
     np.testing.assert_allclose(hf_steps, ref[0][0], rtol=1e-4, atol=1e-4)
     exported = load_prm(tmp_path / "hf")
