@@ -138,7 +138,8 @@ def plan_hf_load(reader: SafetensorsReader, cfg, shapes: dict[tuple, Any]):
     if missing:
         names = []
         for p in missing[:5]:
-            rule = next((r for r in rules if any(_path_matches(t, p) for t in r.ours)), None)
+            rule = next((r for r in rules if any(_path_matches(t, p) for t in r.ours)
+                         and layout.names(_hf_key_of(r, p))), None)
             names.append(".".join(map(str, p)) + (f" (HF key {layout.from_canonical(_hf_key_of(rule, p))})"
                                                   if rule is not None else ""))
         raise CheckpointError(f"{reader.dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. our "
@@ -398,11 +399,14 @@ def hf_tensors(cfg, params: dict[tuple, Any], extras: dict[str, np.ndarray],
         count = fam.layer_count(rule, cfg)
         for i in (range(count) if count is not None else [None]):
             key = rule.hf_key(i)
+            if not layout.names(key):  # a rule of another format's key map (see mapping.Layout.names)
+                break
             m = rule.match(key)
             arrays = [to_host(params[p]) for p in rule.paths(m)]
             out[layout.from_canonical(key)] = rule.to_hf(arrays, cfg)
     for canon, arr in extras.items():
-        out[layout.from_canonical(canon)] = np.asarray(arr)
+        if layout.names(canon):  # unused tensors of another format have no name in this one
+            out[layout.from_canonical(canon)] = np.asarray(arr)
     return out
 
 
@@ -422,6 +426,10 @@ def export_hf(loaded: LoadedModel, out_dir: str | Path, layout: str | None = Non
         return Path(out_dir)
     with _Staging(out_dir, overwrite) as tmp:
         _copy_side_files(Path(loaded.hf_files), tmp)
+        fam = loaded.family
+        if fam.export_files is not None:  # e.g. the config.json of a layout in another format than the source's
+            for name, data in fam.export_files(loaded.cfg, layout or loaded.layout, Path(loaded.hf_files)).items():
+                (tmp / name).write_bytes(data)
         write_safetensors(tensors, tmp, max_shard_size)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

@@ -92,6 +92,14 @@ def load_processor(path: str | Path | None):
         return None
     from transformers import AutoProcessor
 
+    from mstar_jax.models import registry
+
+    # A family whose processor AutoProcessor cannot build (no transformers class, torchvision absent) builds its own.
+    model_type = registry.read_config_json(path).get("model_type") if (Path(path) / "config.json").is_file() else None
+    if model_type in registry.MODEL_TYPES:
+        fam = registry.family(model_type)
+        if fam.processor is not None:
+            return fam.processor(Path(path))
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
 
 

@@ -27,6 +27,12 @@ class Family:
     inputs: Any  # prompt/image glue around the family's HF processor (see models/inputs.py)
     presets: Callable[[], dict]  # name -> config with real shapes (planning without weights)
     tiny: Callable | None = None  # (out_dir, **spec) -> a tiny random HF checkpoint made with transformers
+    # (HF dir) -> its processor, where AutoProcessor cannot build one (no class in transformers, or a processor
+    # that needs torchvision); None: AutoProcessor.
+    processor: Callable | None = None
+    # (config, layout name, source HF dir) -> {file name: bytes} an export in that layout writes over the source's
+    # side files: a layout of another format (e.g. InternVL's original release) needs its own config.json.
+    export_files: Callable | None = None
 
     @property
     def default_layout(self) -> str:

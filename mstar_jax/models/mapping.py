@@ -135,3 +135,8 @@ class Layout:
             if key.startswith(canon):
                 return prefix + key[len(canon):]
         raise KeyError(key)
+
+    def names(self, key: str) -> bool:
+        """Whether this layout names a canonical key (a family published in formats with different key maps keeps
+        each format's rules under its own canonical prefix, named by that format's layouts only)."""
+        return any(key.startswith(canon) for canon, _ in self.prefixes)
