@@ -11,6 +11,7 @@ import numpy as np
 
 from mstar_jax.io import load_images
 from mstar_jax.optim import OptimConfig, make_optimizer
+from mstar_jax.remat import with_remat
 from mstar_jax.sft_batch import pad_examples, sft_example
 from mstar_jax.training import SFT, Objective, TrainState, create_train_state, make_train_step
 
@@ -28,12 +29,13 @@ class Trainer:
         self.micro_batch = int(train_cfg.micro_batch or train_cfg.global_batch)
         self.total_steps = max(1, int(total_steps))
         self.objective, self.encode = objective, encode or self._sft_encode
+        self.inputs = policy.loaded.family.inputs  # the family's image glue for SFT batches
         self._steps: dict[int, object] = {}
 
     def _sft_encode(self, example) -> dict:
         q, prompt, response = example
         return sft_example(self.policy.processor, prompt, response, load_images(q.images, record=q.id)[0],
-                           self.max_length)
+                           self.max_length, self.inputs)
 
     def optim(self, total_steps: int) -> OptimConfig:
         """The optimizer config for a schedule of `total_steps` updates."""
@@ -44,7 +46,8 @@ class Trainer:
         if total_steps not in self._steps:
             self._steps[total_steps] = make_train_step(
                 self.policy.graphdef, self.optim(total_steps), self.policy.mesh, micro_batch=self.micro_batch,
-                compute_dtype=self.train_cfg.compute_dtype, objective=self.objective)
+                compute_dtype=self.train_cfg.compute_dtype, image_keys=self.inputs.batch_keys,
+                objective=with_remat(self.objective, getattr(self.train_cfg, "remat", "none")))
         return self._steps[total_steps]
 
     def fresh_state(self, params, total_steps: int | None = None, *, copy: bool = False) -> TrainState:
@@ -77,7 +80,7 @@ class Trainer:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for s in range(steps):
             idx = order[s * self.global_batch:(s + 1) * self.global_batch]
-            yield pad_examples([encoded[i] for i in idx], int(pad), "right", length=length)
+            yield pad_examples([encoded[i] for i in idx], int(pad), "right", length=length, inputs=self.inputs)
 
     def fit(self, state: TrainState, examples: Sequence[tuple], epochs: float, seed: int, desc: str = "training",
             total_steps: int | None = None, start_step: int = 0, on_step=None) -> tuple[TrainState, dict]:
