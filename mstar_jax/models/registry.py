@@ -11,6 +11,8 @@ from mstar_jax.errors import CheckpointError
 # model_type -> family module (each defines FAMILY); imported on first use, so `import mstar_jax` stays light.
 MODEL_TYPES = {
     "llava": "mstar_jax.models.llava",
+    "internvl": "mstar_jax.models.internvl",
+    "internvl_chat": "mstar_jax.models.internvl",
 }
 
 
