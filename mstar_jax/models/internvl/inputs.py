@@ -42,3 +42,8 @@ class TileImages(FixedImages):
             raise MstarError(f"InternVL tiles and image placeholders do not match: rows hold {per_row.tolist()} "
                              f"image tokens (<IMG_CONTEXT>, id {self.image_token_id(cfg)}) but pixel_values has "
                              f"{tiles} tile(s) x {unit} tokens per tile = {tiles * unit}")
+
+    def split(self, batch: dict, cfg) -> list:
+        """Per-prompt tokens and tiles of a processor batch (after `check`, so a mismatch names tiles)."""
+        self.check(batch, cfg)
+        return super().split(batch, cfg)
