@@ -13,6 +13,8 @@ MODEL_TYPES = {
     "llava": "mstar_jax.models.llava",
     "internvl": "mstar_jax.models.internvl",
     "internvl_chat": "mstar_jax.models.internvl",
+    "qwen2_vl": "mstar_jax.models.qwen2_vl",
+    "qwen2_5_vl": "mstar_jax.models.qwen2_vl",
 }
 
 
