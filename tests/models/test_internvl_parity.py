@@ -181,3 +181,34 @@ def test_missing_tensor_is_named(tiny, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"missing from the checkpoint.*HF key {key}"):
         mstar_jax.load(bad)
+
+
+def test_processor_without_torchvision_gives_the_batch_of_its_parts(tiny, caplog):
+    """Without torchvision the processor is built from GotOcr2's PIL image processor and the tokenizer (said once);
+    its batch is the image processor's tiles and the tokenizer's ids of <img><IMG_CONTEXT>*N</img>-expanded text."""
+    import logging
+
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+
+    from mstar_jax.models.internvl import processing as P
+    from tests.conftest import random_images
+
+    path = tiny["qwen2"][0]
+    P._SAID.clear()
+    with caplog.at_level(logging.WARNING, logger="mstar_jax.models.internvl.processing"):
+        proc = P.hf_processor(path)
+        P.hf_processor(path)
+    said = [r for r in caplog.records if "torchvision is not installed" in r.getMessage()]
+    assert len(said) == (0 if P._torchvision() else 1)
+    proc = P.hf_processor(path, force_pil=True)
+    batch = make_batch(proc)
+    images = random_images(0, [(50, 56), (60, 125), (120, 110)])
+    pixels = GotOcr2ImageProcessorPil.from_pretrained(path)(images, crop_to_patches=True, return_tensors="np")
+    np.testing.assert_array_equal(batch["pixel_values"], pixels["pixel_values"])
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    expanded = [t.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * 4 * n + "</img>")
+                for t, n in zip(texts(proc), pixels["num_patches"])]
+    ids = tok(expanded, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(batch["input_ids"], ids["input_ids"])
+    np.testing.assert_array_equal(batch["attention_mask"], ids["attention_mask"])
