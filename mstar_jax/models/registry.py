@@ -15,6 +15,7 @@ MODEL_TYPES = {
     "internvl_chat": "mstar_jax.models.internvl",
     "qwen2_vl": "mstar_jax.models.qwen2_vl",
     "qwen2_5_vl": "mstar_jax.models.qwen2_vl",
+    "phi3_v": "mstar_jax.models.phi3_v",
 }
 
 
