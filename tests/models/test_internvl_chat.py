@@ -295,3 +295,64 @@ def test_chat_templates_follow_the_release(release, template, system, sep):
                                                 False)
     # <image> becomes <img><IMG_CONTEXT>*N</img>, N = tokens per tile x tiles.
     assert proc.expand("a <image> b", [3]) == "a <img>" + "<IMG_CONTEXT>" * 12 + "</img> b"
+
+
+def test_internlm2_biases_pack_per_kv_head_and_convert_back(tmp_path):
+    """InternLM2's `bias` packs the q/k/v biases like wqkv's rows; a Llama decoder with biases round-trips through
+    the release layout and keeps transformers' logits."""
+    from mstar_jax.cli import main
+    from mstar_jax.models.internvl.tiny import TinySpec, make_tiny_internvl
+
+    spec = TinySpec(text="llama", attention_bias=True, seed=2)
+    model = make_tiny_internvl(tmp_path / "hf", spec)
+    assert main(["convert", "hf-to-flax", str(tmp_path / "hf"), str(tmp_path / "flax")]) == 0
+    assert main(["convert", "flax-to-hf", str(tmp_path / "flax"), str(tmp_path / "chat"), "--layout",
+                 "internvl_chat"]) == 0
+    hf, chat = read_all(tmp_path / "hf"), read_all(tmp_path / "chat")
+    assert json.loads((tmp_path / "chat" / "config.json").read_text())["llm_config"]["bias"] is True
+    a = "language_model.model.layers.1."
+    bias = [hf[a + f"self_attn.{p}_proj.bias"][:, None] for p in "qkv"]  # as [out, 1] "weights"
+    np.testing.assert_array_equal(chat[a + "attention.wqkv.bias"], pack_wqkv(*bias, kv_heads=spec.kv_heads,
+                                                                                head_dim=spec.hidden // spec.heads)[:, 0])
+    np.testing.assert_array_equal(chat[a + "attention.wo.bias"], hf[a + "self_attn.o_proj.bias"])
+    policy = mstar_jax.load(tmp_path / "chat")
+    batch = make_batch(policy.processor)
+    mask = batch["attention_mask"].astype(bool)
+    assert np.abs(policy.logits(batch) - hf_logits(model, batch))[mask].max() < 1e-4
+
+
+def test_a_final_vision_layernorm_cannot_go_to_the_release_layout(tmp_path):
+    from mstar_jax.cli import main
+
+    path, _ = build(tmp_path, "llama_variant")  # use_mean_pooling false: transformers' final LayerNorm
+    assert main(["convert", "hf-to-flax", str(path), str(tmp_path / "flax")]) == 0
+    with pytest.raises(CheckpointError, match="ends in a LayerNorm"):
+        from mstar_jax.conversion import flax_to_hf
+
+        flax_to_hf(tmp_path / "flax", tmp_path / "chat", layout="internvl_chat")
+    assert not (tmp_path / "chat").exists()  # nothing written
+
+
+def test_remote_code_tokenizer_is_read_from_its_sentencepiece_model_without_running_code(tmp_path):
+    """InternVL2's tokenizer_config names a remote-code class (InternLM2Tokenizer); its tokenizer.model is read
+    instead (BOS first), and the class's module is never imported."""
+    import sentencepiece as spm
+
+    text = ["How many circles are there? Count them.", "Which bar is the tallest?", "The answer is 8."] * 20
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=340, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"],
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, normalization_rule_name="identity",
+        remove_extra_whitespaces=False)
+    marker = tmp_path / "imported"
+    (tmp_path / "tokenization_internlm2.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer", "auto_map": {"AutoTokenizer": [
+            "tokenization_internlm2.InternLM2Tokenizer", None]}, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True}))
+    tok = P.load_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    for s in ("Which bar is the tallest?<|im_end|> <IMG_CONTEXT><IMG_CONTEXT>", "The answer is 8."):
+        assert tok(s)["input_ids"] == [1] + sp.encode(s)
+    assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == sp.piece_to_id("<IMG_CONTEXT>")
+    assert not marker.exists()

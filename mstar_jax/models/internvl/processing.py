@@ -140,10 +140,20 @@ def load_tokenizer(hf_dir: Path):
     if (hf_dir / "tokenizer.model").is_file():
         from transformers import LlamaTokenizer
 
-        log.warning("%s: tokenizer class %s is remote code; reading tokenizer.model as a Llama-style SentencePiece "
-                    "tokenizer instead", hf_dir, cfg.get("tokenizer_class"))
-        return LlamaTokenizer(vocab_file=str(hf_dir / "tokenizer.model"), add_bos_token=cfg.get("add_bos_token", True),
-                              add_eos_token=cfg.get("add_eos_token", False), legacy=True, **special)
+        # Unchecked against the release's own (remote-code) class, which may place SentencePiece's dummy prefix
+        # differently around special tokens: said, and a tokenizer.json beside it is read first.
+        log.warning("%s: tokenizer class %s is remote code, which mstar-jax never runs; reading tokenizer.model as "
+                    "a Llama-style SentencePiece tokenizer instead (not checked against that class; put a "
+                    "tokenizer.json saved from it beside the checkpoint to use that)", hf_dir,
+                    cfg.get("tokenizer_class"))
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return LlamaTokenizer.from_pretrained(str(hf_dir), legacy=True,
+                                                  add_bos_token=cfg.get("add_bos_token", True),
+                                                  add_eos_token=cfg.get("add_eos_token", False), **special)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     raise CheckpointError(f"{hf_dir}: no tokenizer transformers can read without remote code ({first})")
 
 
