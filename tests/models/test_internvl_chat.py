@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +49,8 @@ def release_tensors(hf: dict[str, np.ndarray], layers: int, vision_layers: int, 
     out["language_model.output.weight"] = hf["language_model.lm_head.weight"]
     for i in range(layers):
         a = b = f"{lm}layers.{i}."
-        out[b + "attention.wqkv.weight"] = pack_wqkv(hf[a + "self_attn.q_proj.weight"], hf[a + "self_attn.k_proj.weight"],
+        out[b + "attention.wqkv.weight"] = pack_wqkv(hf[a + "self_attn.q_proj.weight"],
+                                                     hf[a + "self_attn.k_proj.weight"],
                                                      hf[a + "self_attn.v_proj.weight"], kv_heads, head_dim)
         out[b + "attention.wo.weight"] = hf[a + "self_attn.o_proj.weight"]
         out[b + "feed_forward.w1.weight"] = hf[a + "mlp.gate_proj.weight"]
@@ -266,8 +266,8 @@ def test_tile_grids_agree_with_transformers_got_ocr2():
     for max_num in (4, 6, 12):
         for w in range(20, 1500, 41):
             for h in range(20, 1500, 53):
-                assert P.tile_grid(w, h, 1, max_num, 448) == get_optimal_tiled_canvas((h, w), (448, 448), 1, max_num), \
-                    (w, h, max_num)
+                canvas = get_optimal_tiled_canvas((h, w), (448, 448), 1, max_num)
+                assert P.tile_grid(w, h, 1, max_num, 448) == canvas, (w, h, max_num)
 
 
 def mpt(system: str, sep: str, turns: list[tuple[str, str]], generation: bool) -> str:
@@ -279,20 +279,20 @@ def mpt(system: str, sep: str, turns: list[tuple[str, str]], generation: bool) -
 
 
 @pytest.mark.parametrize("template, system, sep", [
-    ("internlm2-chat", "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
-     "<|im_end|>"),
-    ("internvl2_5", "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
-     "<|im_end|>\n"),
+    ("internlm2-chat", "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+                       "英文名叫InternVL, 是一个有用无害的人工智能助手。", "<|im_end|>"),
+    ("internvl2_5", "你是书生·万象，英文名是InternVL，"
+                    "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。", "<|im_end|>\n"),
 ])
 def test_chat_templates_follow_the_release(release, template, system, sep):
     tok = mstar_jax.load(release[2]).processor.tokenizer
     proc = P.ChatProcessor(tok, template=template, image_size=56, tokens_per_tile=4)
     one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which bar?"}]}]
-    assert proc.apply_chat_template(one, add_generation_prompt=True) == mpt(system, sep, [("user", "<image>\nWhich bar?")],
-                                                                             True)
+    assert proc.apply_chat_template(one, add_generation_prompt=True) == mpt(
+        system, sep, [("user", "<image>\nWhich bar?")], True)
     two = [{"role": "system", "content": "Be brief."}, *one, {"role": "assistant", "content": "B."}]
-    assert proc.apply_chat_template(two) == mpt("Be brief.", sep, [("user", "<image>\nWhich bar?"), ("assistant", "B.")],
-                                                False)
+    assert proc.apply_chat_template(two) == mpt(
+        "Be brief.", sep, [("user", "<image>\nWhich bar?"), ("assistant", "B.")], False)
     # <image> becomes <img><IMG_CONTEXT>*N</img>, N = tokens per tile x tiles.
     assert proc.expand("a <image> b", [3]) == "a <img>" + "<IMG_CONTEXT>" * 12 + "</img> b"
 
@@ -312,8 +312,8 @@ def test_internlm2_biases_pack_per_kv_head_and_convert_back(tmp_path):
     assert json.loads((tmp_path / "chat" / "config.json").read_text())["llm_config"]["bias"] is True
     a = "language_model.model.layers.1."
     bias = [hf[a + f"self_attn.{p}_proj.bias"][:, None] for p in "qkv"]  # as [out, 1] "weights"
-    np.testing.assert_array_equal(chat[a + "attention.wqkv.bias"], pack_wqkv(*bias, kv_heads=spec.kv_heads,
-                                                                                head_dim=spec.hidden // spec.heads)[:, 0])
+    packed = pack_wqkv(*bias, kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads)[:, 0]
+    np.testing.assert_array_equal(chat[a + "attention.wqkv.bias"], packed)
     np.testing.assert_array_equal(chat[a + "attention.wo.bias"], hf[a + "self_attn.o_proj.bias"])
     policy = mstar_jax.load(tmp_path / "chat")
     batch = make_batch(policy.processor)

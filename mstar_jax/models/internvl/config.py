@@ -99,7 +99,7 @@ class InternVLConfig:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def _plain_rope(text: TextConfig, where: str) -> TextConfig:
+def _plain_rope(text: TextConfig) -> TextConfig:
     """Dynamic NTK scaling (InternLM2's and some Qwen2 releases' `rope_scaling`) changes nothing up to
     max_position_embeddings (its base is rescaled only for longer sequences, in the release and in transformers),
     so it reads as the default rope, exact within that context."""
@@ -154,7 +154,7 @@ def from_hf_config(hf: Any, where: str = "config.json", llm_arch: str | None = N
     vc, tc = _get(hf, "vision_config"), _get(hf, "text_config")
     if not _get(vc, "use_absolute_position_embeddings", True):
         raise CheckpointError(f"{where}: a vision tower without absolute position embeddings is not supported")
-    text = _plain_rope(_text_config(tc), where)
+    text = _plain_rope(_text_config(tc))
     vision = VisionConfig(
         hidden_size=int(_get(vc, "hidden_size")), intermediate_size=int(_get(vc, "intermediate_size")),
         num_layers=int(_get(vc, "num_hidden_layers")), num_heads=int(_get(vc, "num_attention_heads")),
@@ -198,10 +198,10 @@ def _llm_text(llm: dict, where: str) -> tuple[TextConfig, str]:
                                         "max_position_embeddings", "rope_theta", "rope_scaling", "eos_token_id",
                                         "pad_token_id", "head_dim") if k in llm}
         as_llama.update(model_type="llama", attention_bias=bias)
-        return _plain_rope(_text_config(as_llama), where), arch
+        return _plain_rope(_text_config(as_llama)), arch
     if llm.get("model_type") != arch:
         llm = {**llm, "model_type": arch}
-    return _plain_rope(_text_config(llm), where), arch
+    return _plain_rope(_text_config(llm)), arch
 
 
 def _added_tokens(hf_dir: Path) -> dict[str, int]:
@@ -292,8 +292,10 @@ def from_config_json(raw: dict, hf_dir: str | Path) -> InternVLConfig:
 # The release's conversation templates (its conversation.py, MPT style): system turn, then
 # `role + message + sep` per turn, the open assistant role last. InternVL2 (InternLM2 LLMs) uses
 # internlm2-chat; InternVL2.5 and 3 use internvl2_5 (a newline after each separator).
-_SYS_V2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-_SYS_V25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+_SYS_V2 = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+           "英文名叫InternVL, 是一个有用无害的人工智能助手。")
+_SYS_V25 = ("你是书生·万象，英文名是InternVL，"
+            "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
 TEMPLATES: dict[str, dict[str, str]] = {
     "internlm2-chat": {"system": _SYS_V2, "sep": "<|im_end|>"},
     "Hermes-2": {"system": _SYS_V2, "sep": "<|im_end|>"},

@@ -141,7 +141,8 @@ def _vision_rules(cfg: InternVLConfig) -> list[Rule]:
            Rule(r"vision_tower\.embeddings\.position_embeddings", ("vision_tower.position_embedding",)),
            Rule(r"vision_tower\.embeddings\.patch_embeddings\.projection\.weight",
                 ("vision_tower.patch_embedding.kernel",), "patch"),
-           Rule(r"vision_tower\.embeddings\.patch_embeddings\.projection\.bias", ("vision_tower.patch_embedding.bias",)),
+           Rule(r"vision_tower\.embeddings\.patch_embeddings\.projection\.bias",
+                ("vision_tower.patch_embedding.bias",)),
            Rule(vl + r"lambda_1", (_V + "lambda_1",)), Rule(vl + r"lambda_2", (_V + "lambda_2",))]
     for hf, ours, bias in (("attention.q_proj", "q_proj", v.qkv_bias), ("attention.k_proj", "k_proj", v.qkv_bias),
                            ("attention.v_proj", "v_proj", v.qkv_bias),
