@@ -30,6 +30,19 @@ TINY_SPEC = dict(vision="clip", text="llama", layers=2, hidden=64, intermediate=
 # of H100 bandwidth, so there it would measure kernel launches rather than the memory roofline.
 LARGE_SPEC = dict(BENCH_SPEC, hidden=2048, intermediate=5632, layers=24, heads=16, kv_heads=16)
 SIZES = {"bench": BENCH_SPEC, "tiny": TINY_SPEC, "large": LARGE_SPEC}
+# Qwen2-VL / Qwen2.5-VL (`--family`) at the same sizes: the LLaVA bench's decoder (M-RoPE sections scaled to its
+# 64-dim heads), a 2-layer ViT of 14 px patches (Qwen2.5: one windowed, one full-attention layer) and images
+# resized to about 600 image tokens, as LLaVA-1.5's 576.
+_QWEN_VIT = dict(patch_size=14, vision_hidden=128, vision_intermediate=256, vision_layers=2, vision_heads=4,
+                 window_size=112, fullatt_block_indexes=(1,), min_pixels=448 * 448 * 2, max_pixels=1024 * 1024)
+QWEN_SIZES = {
+    "bench": dict(_QWEN_VIT, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8, vocab_size=32000,
+                  mrope_section=(8, 12, 12)),
+    "tiny": dict(layers=2, hidden=64, intermediate=128, vocab_size=400),
+    "large": dict(_QWEN_VIT, hidden=2048, intermediate=5632, layers=24, heads=16, kv_heads=16, vocab_size=32000,
+                  mrope_section=(16, 24, 24)),
+}
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 
 QUESTIONS = [
     "How many circles are there in the picture? Count them carefully and explain your reasoning step by step.",
@@ -56,6 +69,8 @@ def add_sampler_args(p) -> None:
     from mstar_jax.commands.sample import add_sampling_args
 
     p.add_argument("--prompts", type=int, default=1, help="distinct prompts (one image each)")
+    p.add_argument("--family", default="llava", choices=FAMILIES,
+                   help="model family of the default bench model (with --model: the checkpoint's own)")
     add_sampling_args(p, max_new_tokens=128)  # --temperature is the `sample` mode's
     p.add_argument("--modes", default="greedy,sample", help="comma-separated: greedy, sample")
     p.add_argument("--repeats", type=int, default=3,
@@ -120,10 +135,14 @@ def machine() -> dict:
 
 def bench_model(args) -> tuple[Path, Path]:
     """(checkpoint for mstar_jax.load, HF dir for transformers): --model, or the default model built once."""
+    family = getattr(args, "family", "llava")
+    if family != "llava":
+        return bench_checkpoint(args, dict(QWEN_SIZES[args.size], model_type=family), f"{family}-{args.size}-hf",
+                                family)
     return bench_checkpoint(args, SIZES[args.size], f"{args.size}-hf")
 
 
-def bench_checkpoint(args, spec: dict, name: str) -> tuple[Path, Path]:
+def bench_checkpoint(args, spec: dict, name: str, family: str = "llava") -> tuple[Path, Path]:
     """--model (exported to HF once if it is a converted checkpoint), or a random model of `spec` built once."""
     from mstar_jax.conversion import flax_to_hf, is_converted
 
@@ -146,7 +165,12 @@ def bench_checkpoint(args, spec: dict, name: str) -> tuple[Path, Path]:
         letters = list("abcdefghijklmnopqrstuvwxyz")
         words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(60000)]
         corpus = [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)] + QUESTIONS
-        make_tiny_llava(hf, TinySpec(**spec), corpus=corpus)
+        if family == "llava":
+            make_tiny_llava(hf, TinySpec(**spec), corpus=corpus)
+        else:
+            from mstar_jax.models.qwen2_vl import tiny as qwen_tiny
+
+            qwen_tiny.make_tiny_qwen_vl(hf, qwen_tiny.TinySpec(**spec), corpus=corpus)
     return hf, hf
 
 
@@ -200,8 +224,9 @@ def bench_sampler(args) -> int:
     if not args.skip_hf:
         import transformers
 
-        hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir),
-                                                                          dtype=getattr(torch, args.dtype)).eval()
+        cls = (transformers.LlavaForConditionalGeneration if policy.loaded.family.name == "llava"
+               else transformers.AutoModelForImageTextToText)
+        hf_model = cls.from_pretrained(str(hf_dir), dtype=getattr(torch, args.dtype)).eval()
     import jax
 
     base = {"bench": "sampler", "model": str(ckpt), "params_m": round(n_params / 1e6, 1), **machine(),
@@ -329,6 +354,10 @@ def _hf_generate(model, batch, args, kw, greedy):
     if greedy:
         # HF refuses num_return_sequences > 1 without sampling; expanding the rows is what it does internally.
         inputs = {k: v.repeat_interleave(args.n, dim=0) for k, v in inputs.items()}
+        if "image_grid_thw" in batch:  # flat patches: repeat each row's images, not each patch
+            from mstar_jax.models.qwen2_vl.inputs import repeat_rows
+
+            inputs = {k: torch.from_numpy(v) for k, v in repeat_rows(batch, args.n).items()}
         gen.update(do_sample=False)
     else:
         gen.update(do_sample=True, temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],

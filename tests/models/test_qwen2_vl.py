@@ -199,16 +199,36 @@ def test_sft_loss_and_gradients_match_pytorch(tiny, policies, name):
     ref = (nll * w).sum() / w.sum()
     ref.backward()
     np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
-    pairs = {("visual", "patch_embed", "kernel"): model.model.visual.patch_embed.proj.weight.grad.reshape(
+    pairs = {("vision_tower", "patch_embed", "kernel"): model.model.visual.patch_embed.proj.weight.grad.reshape(
                  model.model.visual.patch_embed.proj.weight.shape[0], -1).T,
-             ("visual", "layers", 0, "attn", "qkv", "kernel"): model.model.visual.blocks[0].attn.qkv.weight.grad.T,
-             ("visual", "merger", "linear_1", "kernel"): model.model.visual.merger.mlp[0].weight.grad.T,
+             ("vision_tower", "layers", 0, "attn", "qkv", "kernel"): model.model.visual.blocks[0].attn.qkv.weight.grad.T,
+             ("multi_modal_projector", "linear_1", "kernel"): model.model.visual.merger.mlp[0].weight.grad.T,
              ("language_model", "layers", 1, "self_attn", "q_proj", "kernel"):
                  model.model.language_model.layers[1].self_attn.q_proj.weight.grad.T}
     for path, ref_grad in pairs.items():
         ref_grad = ref_grad.numpy()
         assert np.abs(ref_grad).max() > 0, path
         np.testing.assert_allclose(np.asarray(grads[path]), ref_grad, rtol=1e-3, atol=1e-5 * np.abs(ref_grad).max())
+
+
+def test_freezing_the_vision_tower_keeps_it_bitwise(policies):
+    """train.freeze_vision* freezes the Qwen ViT (and, separately, the merger) like the other families' towers."""
+    from mstar_jax.optim import OptimConfig
+    from mstar_jax.sft_batch import sft_batch
+    from mstar_jax.training import create_train_state, make_train_step
+
+    policy = policies["qwen2_vl"]
+    inputs = policy.loaded.family.inputs
+    batch = sft_batch(policy.processor, ["How many circles?", "Which bar?"], ["3.", "B."],
+                      random_images(5, SIZES[:2]), inputs=inputs)
+    params = {p: jnp.copy(a) for p, a in policy.params.items()}
+    before = {p: np.asarray(a).copy() for p, a in params.items()}  # the step donates its state
+    step = make_train_step(policy.graphdef, OptimConfig(lr=1e-2, total_steps=2, warmup_ratio=0.0,
+                                                        freeze_vision_tower=True), image_keys=inputs.batch_keys)
+    state, metrics = step(create_train_state(params, step.tx), batch)
+    after = jax.device_get(state.params)
+    changed = {p[0] for p in before if not np.array_equal(np.asarray(after[p]), before[p])}
+    assert np.isfinite(metrics["loss"]) and changed == {"language_model", "lm_head", "multi_modal_projector"}
 
 
 def test_prm_trains_and_scores_on_qwen(tiny, policies):
@@ -330,7 +350,7 @@ def test_eight_devices_give_the_same_logits(tiny, policies, tmp_path):
     info = json.loads(Path(str(out) + ".json").read_text())
     assert info["devices"] == 8
     assert info["specs"]["language_model.layers.0.self_attn.q_proj.kernel"] == ["fsdp", "tensor"]
-    assert info["specs"]["visual.layers.0.attn.qkv.kernel"] == ["fsdp", "tensor"]
+    assert info["specs"]["vision_tower.layers.0.attn.qkv.kernel"] == ["fsdp", "tensor"]
     assert np.abs(np.load(out)["logits"] - ref)[mask].max() < 1e-5
 
 

@@ -29,41 +29,30 @@ def patch_bucket(patches: int, unit: int = 4, minimum: int = 16) -> int:
 
 def repeat_rows(batch: dict, n: int) -> dict:
     """A processor batch with every row repeated n times in place (row r -> rows r*n .. r*n+n-1), its images too:
-    what `transformers` generate needs to decode n greedy rows per prompt."""
+    what `transformers` generate needs to decode n greedy rows per prompt (images follow the rows' image tokens,
+    marked by the processor's mm_token_type_ids)."""
     ids = np.asarray(batch["input_ids"])
     out = {k: np.repeat(np.asarray(v), n, axis=0) for k, v in batch.items()
            if k not in ("pixel_values", "image_grid_thw") and np.ndim(v) >= 1 and np.shape(v)[0] == ids.shape[0]}
-    grid = batch.get("image_grid_thw")
-    if grid is None:
+    if batch.get("image_grid_thw") is None:
         return out
-    grid = np.asarray(grid)
-    px = np.asarray(batch["pixel_values"])
-    image_id = _image_token_id_of(batch)
-    merge_unit = int(np.prod(grid, axis=1).sum()) // max(1, int((ids == image_id).sum()))
-    tokens = np.prod(grid, axis=1) // merge_unit
+    if batch.get("mm_token_type_ids") is None:
+        raise MstarError("repeat_rows needs the processor's mm_token_type_ids to find each row's image tokens")
+    grid, px = np.asarray(batch["image_grid_thw"]), np.asarray(batch["pixel_values"])
+    per_row = (np.asarray(batch["mm_token_type_ids"]) == 1).sum(-1)
     patches = np.prod(grid, axis=1)
+    tokens = patches * int(per_row.sum()) // int(patches.sum())  # patches / merge^2
     starts = np.concatenate([[0], np.cumsum(patches)])
-    per_row = (ids == image_id).sum(-1)
     j, grids, pixels = 0, [], []
     for need in per_row:
         first, got = j, 0
         while got < need:
             got += tokens[j]
             j += 1
-        for _ in range(n):
-            grids.append(grid[first:j])
-            pixels.append(px[starts[first]:starts[j]])
-    out["image_grid_thw"] = np.concatenate(grids)
-    out["pixel_values"] = np.concatenate(pixels)
+        grids += [grid[first:j]] * n
+        pixels += [px[starts[first]:starts[j]]] * n
+    out["image_grid_thw"], out["pixel_values"] = np.concatenate(grids), np.concatenate(pixels)
     return out
-
-
-def _image_token_id_of(batch: dict) -> int:
-    types = batch.get("mm_token_type_ids")
-    if types is None:
-        raise MstarError("repeat_rows needs the processor's mm_token_type_ids to find the image tokens")
-    ids = np.asarray(batch["input_ids"])[np.asarray(types) == 1]
-    return int(ids[0]) if ids.size else -1
 
 
 class PatchImages(FixedImages):

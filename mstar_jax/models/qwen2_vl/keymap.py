@@ -23,7 +23,7 @@ LAYOUTS = (
 _LM = r"language_model\.layers\.(\d+)\."
 _VIT = r"visual\.blocks\.(\d+)\."
 _L = "language_model.layers.{i}."
-_V = "visual.layers.{i}."
+_V = "vision_tower.layers.{i}."
 
 
 def _patch_rule() -> tuple:
@@ -69,7 +69,7 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
         table.append(Rule(r"lm_head\.weight", ("lm_head.kernel",), "linear"))
 
     qwen2 = cfg.vision.variant == "qwen2_vl"
-    table.append(Rule(r"visual\.patch_embed\.proj\.weight", ("visual.patch_embed.kernel",), "custom",
+    table.append(Rule(r"visual\.patch_embed\.proj\.weight", ("vision_tower.patch_embed.kernel",), "custom",
                       custom=_patch_rule()))
     norm_parts = ("weight", "bias") if qwen2 else ("weight",)
     for norm in ("norm1", "norm2"):
@@ -78,9 +78,9 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
     for hf, ours in [("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj")] + [(f"mlp.{m}", f"mlp.{m}") for m in mlp]:
         for rule in _linear(hf, ours):
             table.append(Rule(_VIT + rule.hf, tuple(_V + o for o in rule.ours), rule.kind))
-    table += [Rule(rf"visual\.merger\.ln_q\.{wb}", (f"visual.merger.ln_q.{wb}",)) for wb in norm_parts]
-    table += _linear("visual.merger.mlp.0", "visual.merger.linear_1")
-    table += _linear("visual.merger.mlp.2", "visual.merger.linear_2")
+    table += [Rule(rf"visual\.merger\.ln_q\.{wb}", (f"multi_modal_projector.ln_q.{wb}",)) for wb in norm_parts]
+    table += _linear("visual.merger.mlp.0", "multi_modal_projector.linear_1")
+    table += _linear("visual.merger.mlp.2", "multi_modal_projector.linear_2")
     return table
 
 

@@ -101,13 +101,12 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """The ViT over padded images: [N, P, patch_dim] patches + [N, 3] grids -> merged features [N, P/merge^2, D]."""
+    """The ViT over padded images: [N, P, patch_dim] patches + [N, 3] grids -> patch features [N, P, D_vit]."""
 
     def __init__(self, cfg: VisionConfig, *, dtype: Any):
         # The Conv3d patch embedding (kernel = stride = one patch, no bias) as a [patch_dim, D] matmul kernel.
         self.patch_embed = L.Linear(cfg.patch_dim, cfg.hidden_size, (None, "vit_embed"), bias=False, dtype=dtype)
         self.layers = nnx.List([VisionBlock(cfg, dtype=dtype) for _ in range(cfg.num_layers)])
-        self.merger = PatchMerger(cfg, dtype=dtype)
         self.cfg = cfg
 
     def __call__(self, pixel_values: Array, grid_thw: Array) -> Array:
@@ -123,8 +122,7 @@ class VisionTransformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"vision_layer_{i}"):
                 x = layer(x, cos, sin, windowed if cfg.windowed(i) else full)
-        with jax.named_scope("merger"):
-            return self.merger(x)
+        return x
 
 
 class DecoderLayer(nnx.Module):
@@ -172,7 +170,10 @@ class QwenVLForConditionalGeneration(nnx.Module):
 
     def __init__(self, cfg: QwenVLConfig, *, dtype: Any = jnp.float32):
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, dtype=dtype)
+        # transformers keeps the merger inside `visual`; here it is the projector, so that freezing the vision tower
+        # and the projector (train.freeze_vision*) means what it does for the other families.
+        self.vision_tower = VisionTransformer(cfg.vision, dtype=dtype)
+        self.multi_modal_projector = PatchMerger(cfg.vision, dtype=dtype)
         self.language_model = Decoder(cfg.text, dtype=dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = L.Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False,
@@ -224,7 +225,9 @@ class QwenVLForConditionalGeneration(nnx.Module):
                 px = images["pixel_values"]
                 grid = images["image_grid_thw"].reshape(-1, 3).astype(jnp.int32)
                 with jax.named_scope("vision"):
-                    feats = self.visual(px.reshape(-1, *px.shape[-2:]), grid)
+                    feats = self.vision_tower(px.reshape(-1, *px.shape[-2:]), grid)
+                with jax.named_scope("merger"):
+                    feats = self.multi_modal_projector(feats)
             if positions is None and kv_valid.shape[1] != t:
                 raise ValueError("positions are needed when writing after the start of a dense cache")
             valid = kv_valid[:, :t]
