@@ -356,3 +356,26 @@ def test_remote_code_tokenizer_is_read_from_its_sentencepiece_model_without_runn
         assert tok(s)["input_ids"] == [1] + sp.encode(s)
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == sp.piece_to_id("<IMG_CONTEXT>")
     assert not marker.exists()
+
+
+def test_a_qwen2_decoder_round_trips_through_the_release_layout(tmp_path):
+    """InternVL2.5/3's release layout keeps a Qwen2 LLM under its own names (language_model.model.*, tied head
+    here): transformers -> release -> transformers is bitwise and the release checkpoint keeps the logits."""
+    from mstar_jax.cli import main
+
+    path, model = build(tmp_path, "qwen2")
+    assert main(["convert", "hf-to-flax", str(path), str(tmp_path / "a")]) == 0
+    assert main(["convert", "flax-to-hf", str(tmp_path / "a"), str(tmp_path / "chat"), "--layout",
+                 "internvl_chat"]) == 0
+    cfg = json.loads((tmp_path / "chat" / "config.json").read_text())
+    assert cfg["llm_config"]["architectures"] == ["Qwen2ForCausalLM"] and cfg["template"] == "internvl2_5"
+    chat = read_all(tmp_path / "chat")
+    assert "language_model.model.layers.0.self_attn.q_proj.bias" in chat and "language_model.lm_head.weight" not in chat
+    policy = mstar_jax.load(tmp_path / "chat")
+    batch = make_batch(policy.processor)
+    mask = batch["attention_mask"].astype(bool)
+    assert np.abs(policy.logits(batch) - hf_logits(model, batch))[mask].max() < 1e-4
+    assert main(["convert", "hf-to-flax", str(tmp_path / "chat"), str(tmp_path / "b")]) == 0
+    assert main(["convert", "flax-to-hf", str(tmp_path / "b"), str(tmp_path / "hf"), "--layout", "transformers"]) == 0
+    original, back = read_all(path), read_all(tmp_path / "hf")
+    assert set(back) == set(original) and all(np.array_equal(back[k], original[k]) for k in original)
