@@ -29,8 +29,12 @@ class Trainer:
         self.micro_batch = int(train_cfg.micro_batch or train_cfg.global_batch)
         self.total_steps = max(1, int(total_steps))
         self.objective, self.encode = objective, encode or self._sft_encode
-        self.inputs = policy.loaded.family.inputs  # the family's image glue for SFT batches
         self._steps: dict[int, object] = {}
+
+    @property
+    def inputs(self):
+        """The policy family's image glue for SFT batches."""
+        return self.policy.loaded.family.inputs
 
     def _sft_encode(self, example) -> dict:
         q, prompt, response = example
