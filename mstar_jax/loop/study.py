@@ -166,6 +166,7 @@ def _read_records(path: Path) -> list[dict]:
 def study_table(variants: list[Variant], rows: dict[str, dict], num_queries: int, passes: float) -> str:
     """Markdown: model | method | interval (#queries) | temperature | in-domain | out-of-domain | per-task OOD."""
     tasks = sorted({t for r in rows.values() for t in r.get("test_ood", {}).get("per_task", {})})
+    tasks = tasks if len(tasks) > 1 else []  # one task's column would repeat the out-of-domain one
     header = ["model", "method", "interval (#queries)", "iterations", "temperature", "selection", "unlabeled",
               "in-domain", "out-of-domain"] + [f"OOD {t}" for t in tasks]
     by_name = {v.name: v for v in variants}
