@@ -58,8 +58,10 @@ def get_config() -> ConfigDict:
     c.sampling = ConfigDict({"max_new_tokens": 48, "batch_size": 64, "top_p": 1.0, "top_k": 0, "dtype": ""})
 
     # Warm-up (paper 2.2): answer-hinted CoT rollouts, keep correct, SFT.
+    # rollouts: another run's rollouts/warmup.jsonl to train on instead of sampling (paper 4.2: Phi-3.5-vision and
+    # InternVL2 warm up on MiniCPM-V-2.5's responses).
     c.warmup = ConfigDict({"num_samples": 8, "temperature": 1.0, "max_examples": 4096, "max_per_query": 4,
-                           "epochs": 2, "lr": 5e-4})
+                           "epochs": 2, "lr": 5e-4, "rollouts": ""})
 
     # Self-evolving training (paper 3.2): rest_em | iterative_rft | continuous.
     c.train = ConfigDict()
