@@ -1,4 +1,5 @@
-"""`mstar data synth` (make the embedded dataset) and `mstar data prepare` (dataset file -> ArrayRecord shards).
+"""`mstar data synth` (make the embedded dataset), `mstar data prepare` (dataset file -> ArrayRecord shards) and
+`mstar data tfds` (a TFDS dataset as ArrayRecord from a local download).
 
 Shards are written with `array_record` (no TensorFlow needed) and read back with grain's
 `ArrayRecordDataSource` (`mstar_jax.data.pipeline.shard_dataset`); each entry embeds its images.
@@ -33,6 +34,13 @@ def register(subparsers) -> None:
     prep.add_argument("--unlabeled", action="store_true", help="drop gold answers (unlabeled prompts)")
     prep.add_argument("--strict", action="store_true", help="fail on the first malformed record")
     prep.set_defaults(handler=_prepare)
+
+    tf = sub.add_parser("tfds", help="build a TFDS dataset (ArrayRecord, no TensorFlow) from a local download")
+    tf.add_argument("name", choices=("mstar_synth", "mathv360k", "mathvista"))
+    tf.add_argument("--manual-dir", required=True,
+                    help="the download: `mstar data synth` output, MathV360K's JSON + data_images/, MathVista's files")
+    tf.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's, ~/tensorflow_datasets)")
+    tf.set_defaults(handler=_tfds)
 
 
 def _parse_sizes(text: str) -> dict[str, int]:
@@ -75,6 +83,18 @@ def _synth(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         raise DataError(f"synth config: {err}") from err
     generate(args.out, cfg, log=print)
+    return 0
+
+
+def _tfds(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mstar_jax.data.tfds_builders import build
+
+    data_dir = args.data_dir or str(Path.home() / "tensorflow_datasets")
+    out = build(args.name, args.manual_dir, data_dir)
+    print(f"tfds: wrote {args.name} to {out}; read it with --config.data.<split>=tfds:{args.name}:<split> "
+          f"--config.data.root={data_dir}")
     return 0
 
 

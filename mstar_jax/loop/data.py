@@ -1,8 +1,10 @@
-"""The loop's query sets: the synthetic default (generated into the workdir) or the user's dataset files."""
+"""The loop's query sets: the synthetic default (generated into the workdir) or the user's data (files, ArrayRecord
+shards of `mstar data prepare`, TFDS datasets)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from mstar_jax.config import section_seed
 from mstar_jax.data.synth import HIDDEN_ANSWERS
@@ -48,25 +50,30 @@ def _read_queries(path: Path, root: Path, say, labeled: bool = True) -> list[Que
     return queries_from_records(records, root)
 
 
-def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
-    """Every split the run needs (plus `pretrain` for the demo's own base model), read by the real readers."""
+def load_splits(cfg, workdir: Path, say) -> dict[str, Sequence[Query]]:
+    """Every split the run needs (plus `pretrain` for the demo's own base model) as query sources: dataset files
+    through the real readers, `mstar data prepare` shards or a TFDS dataset (`mstar_jax.data.sources`)."""
+    from mstar_jax.data.sources import TFDS_PREFIX, is_shard_spec, open_queries
+
     d = cfg.data
     if d.source == "synthetic":
         root = _synth(workdir / "data", section_seed(cfg, d), d.synth_sizes.to_dict(), d, say)
-        files = {s: root / f"{s}.json" for s in SPLITS if d.synth_sizes.get(s)}
+        files = {s: str(root / f"{s}.json") for s in SPLITS if d.synth_sizes.get(s)}
     elif d.source == "files":
         root = Path(d.root) if d.root else None
-        files = {s: Path(getattr(d, s)) for s in SPLITS if getattr(d, s)}
+        files = {s: str(getattr(d, s)) for s in SPLITS if getattr(d, s)}
         for s in ("train", "test_id"):
             if s not in files:
                 raise DataError(f"data.source=files needs --config.data.{s}=PATH")
     else:
         raise DataError(f"data.source must be 'synthetic' or 'files', got {d.source!r}")
     splits = {}
-    for name, path in files.items():
-        if not path.is_file():
-            raise DataError(f"{path}: data file for split {name!r} not found")
-        splits[name] = _read_queries(path, root if root is not None else path.parent, say, name != "unlabeled")
+    for name, spec in files.items():
+        if not (spec.startswith(TFDS_PREFIX) or is_shard_spec(spec) or Path(spec).is_file()):
+            raise DataError(f"{spec}: data file for split {name!r} not found")
+        splits[name] = open_queries(spec, root=root, cache_dir=workdir / "data" / "_image_cache",
+                                    labeled=name != "unlabeled",
+                                    read_file=lambda path, r, labeled: _read_queries(path, r, say, labeled))
     if "unlabeled" in splits:
         answers = root / HIDDEN_ANSWERS if d.source == "synthetic" else (Path(d.unlabeled_answers)
                                                                           if d.unlabeled_answers else None)
@@ -76,7 +83,7 @@ def load_splits(cfg, workdir: Path, say) -> dict[str, list[Query]]:
     return splits
 
 
-def with_hidden_answers(queries: list[Query], path: Path | None, root: Path | None, say) -> list[Query]:
+def with_hidden_answers(queries: Sequence[Query], path: Path | None, root: Path | None, say) -> list[Query]:
     """Unlabeled queries with their hidden answers attached, when a file has them: a JSON {id: answer or
     {answer, answer_type, choices, precision}} or a dataset file the readers know. The loop reads them only for
     the oracle variant and to measure pseudo labels."""

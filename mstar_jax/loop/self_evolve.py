@@ -26,6 +26,7 @@ import numpy as np
 from mstar_jax.errors import ConfigError, TrainingError
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.dynamics import DynamicsInput, dynamics_metrics
+from mstar_jax.data.stream import start_state
 from mstar_jax.loop.rollouts import Query, make_rollouts, reusable_rollouts, sample_queries, write_rollouts
 from mstar_jax.loop.selection import select_responses
 from mstar_jax.loop.temperature import choose_temperature, pooled_metric, temperature_grid
@@ -88,6 +89,7 @@ class LoopState:
     records: list[dict] = dataclasses.field(default_factory=list)
     threshold: float | None = None  # selection=threshold: the alpha chosen on the validation set
     unlabeled_from: int | None = None  # the first iteration that mixed unlabeled prompts in
+    data_state: dict | None = None  # {"iteration", "iterator"}: grain's state of that iteration's query stream
 
     def to_json(self) -> dict:
         """JSON-ready dict."""
@@ -157,7 +159,8 @@ class SelfEvolvingRun:
         if cfg.train.method not in METHODS:
             raise ConfigError(f"train.method {cfg.train.method!r} is not one of {', '.join(METHODS)}")
         self.cfg, self.workdir, self.policy, self.trainer = cfg, Path(workdir), policy, trainer
-        self.warmup_params, self.queries, self.val = warmup_params, list(queries), list(val)
+        # queries stay a (lazy) source: an iteration reads only its slice.
+        self.warmup_params, self.queries, self.val = warmup_params, queries, list(val)
         self.unlabeled = list(unlabeled) if cfg.unlabeled.enabled else []
         if cfg.unlabeled.enabled and not self.unlabeled:
             raise ConfigError("unlabeled.enabled but the run has no unlabeled queries (data.synth_sizes.unlabeled / "
@@ -193,23 +196,31 @@ class SelfEvolvingRun:
         """Where an iteration's rollouts live (reused on resume)."""
         return self.workdir / "rollouts" / f"iter_{iteration:04d}.jsonl"
 
-    def rollouts(self, params, iteration: int, temperature: float):
-        """Generate (or reuse) the iteration's rollouts."""
-        path = self.rollouts_path(iteration)
+    def iteration_queries(self, iteration: int) -> tuple[np.ndarray, list[Query]]:
+        """The iteration's query indices and queries."""
         idx = iteration_slice(len(self.queries), self.cfg.train.interval, iteration, self.cfg.seed)
-        queries = [self.queries[i] for i in idx]
+        return idx, [self.queries[i] for i in idx]
+
+    def rollouts(self, params, iteration: int, temperature: float, data_state: dict | None = None):
+        """Generate (or reuse) the iteration's rollouts: this process's chunks through the grain stream, gathered."""
+        from mstar_jax.data.stream import sample_stream
+
+        path = self.rollouts_path(iteration)
+        idx, queries = self.iteration_queries(iteration)
         reused = reusable_rollouts(path, queries, temperature)
         if reused is not None:
             log.info("iteration %d: reusing %s", iteration, path)
             return reused
         s = self.cfg.sampling
-        samples = sample_queries(self.sampler, params, queries, P.cot_prompt, n=self.cfg.train.num_samples,
-                                 temperature=temperature, seed=_seed(self.cfg.seed, 17, iteration),
-                                 max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, top_p=s.top_p,
-                                 top_k=s.top_k, desc=f"iteration {iteration} rollouts T={temperature:g}",
-                                 kill_point_name="rollouts")
+        samples = sample_stream(self.sampler, params, self.queries, idx, P.cot_prompt, n=self.cfg.train.num_samples,
+                                temperature=temperature, seed=_seed(self.cfg.seed, 17, iteration),
+                                max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, top_p=s.top_p,
+                                top_k=s.top_k, desc=f"iteration {iteration} rollouts T={temperature:g}",
+                                progress_path=path, kill_point_name="rollouts", data_state=data_state)
         rollouts = make_rollouts(queries, samples, P.cot_prompt, self.scorer, temperature)
         write_rollouts(path, rollouts)
+        for p in path.parent.glob(f"{path.stem}.p*.progress.jsonl"):
+            p.unlink()  # the rollouts file holds it all now
         return rollouts
 
     def unlabeled_rollouts(self, params, loop: LoopState, state):
@@ -268,9 +279,11 @@ class SelfEvolvingRun:
         threshold = self.choose_threshold(state.params, loop)
         while not self.done(loop, state):
             i = loop.iteration
-            rollouts = self.rollouts(state.params, i, loop.temperature)
+            data_state = (loop.data_state or {}).get("iterator") if (loop.data_state or {}).get("iteration") == i \
+                else None
+            rollouts = self.rollouts(state.params, i, loop.temperature, data_state)
             n_correct = sum(any(r.correct) for r in rollouts)
-            examples = training_examples(self.queries, rollouts, cfg, threshold, i)
+            examples = training_examples(self.iteration_queries(i)[1], rollouts, cfg, threshold, i)
             record = {"stage": "iteration", "iteration": i, "method": cfg.train.method,
                       "selection": cfg.train.selection, "temperature": loop.temperature, "queries": len(rollouts),
                       "queries_with_correct": n_correct,
@@ -331,6 +344,7 @@ class SelfEvolvingRun:
                         loop.records.append(self.log.records[-1])
                     loop.temperature = choice.temperature
             loop.iteration = i + 1
+            loop.data_state = {"iteration": i + 1, "iterator": start_state()}
             self.ckpt.save_iteration(state, loop)
             best = max((r["reward_pass@2"] for r in loop.records
                         if r.get("stage") == "dynamics" and r.get("iteration") == i + 1), default=None)
