@@ -16,6 +16,7 @@ MODEL_TYPES = {
     "qwen2_vl": "mstar_jax.models.qwen2_vl",
     "qwen2_5_vl": "mstar_jax.models.qwen2_vl",
     "phi3_v": "mstar_jax.models.phi3_v",
+    "minicpmv": "mstar_jax.models.minicpmv",
 }
 
 

@@ -203,3 +203,55 @@ def test_a_different_tiny_model_differs(tmp_path):
     a = mstar_jax.load(make_tiny_phi3_v(tmp_path / "a", TinyPhi3VSpec(seed=1)))
     b = mstar_jax.load(make_tiny_phi3_v(tmp_path / "b", TinyPhi3VSpec(seed=2)))
     assert np.abs(a.logits(batch_of(a)) - b.logits(batch_of(b))).max() > 1e-2
+
+
+def test_prm_on_phi3_v_matches_the_reference(tiny):
+    """The PRM's MSE objective (backbone + scalar head) on a Phi-3.5-vision backbone, against the composed torch
+    reference's hidden states, and its batched step scores equal rows scored alone."""
+    import jax.numpy as jnp
+    import torch
+
+    from mstar_jax.prm import model as M
+    from mstar_jax.prm.encode import encode
+    from mstar_jax.prm.score import ProcessRewardModel
+    from mstar_jax.prm.steps import split_steps
+    from mstar_jax.sft_batch import pad_examples
+    from mstar_jax.training import accumulate_grads
+
+    _, ref, policy = tiny
+    inputs = policy.loaded.family.inputs
+    responses = ["The left die shows 3. The right die shows 5. 3 + 5 = 8.", "Count the dots. The answer is 4."]
+    labels = [[1.0, 0.5, 0.25], [0.125, 0.0]]
+    rows = []
+    for i, (resp, lab) in enumerate(zip(responses, labels)):
+        row = encode(policy.processor, f"question {i}?", images(SIZES[i:i + 1], seed=i)[0], resp,
+                     split_steps(resp, "sentences"), lab, inputs=inputs)
+        rows.append({k: v for k, v in row.items() if k not in ("ends", "num_steps")})
+    batch = pad_examples(rows, pad_id=0, padding_side="right", inputs=inputs)
+    assert batch["pixel_values"].shape[0] == 2 and batch["image_sizes"].tolist() == [[112, 112], [112, 56]]
+    rng = np.random.default_rng(0)
+    head = M.init_head(policy.graphdef, policy.params)
+    head = {M.HEAD_W: head[M.HEAD_W] + jnp.asarray(rng.normal(0, 0.3, head[M.HEAD_W].shape), jnp.float32),
+            M.HEAD_B: jnp.float32(0.25)}
+    params = M.with_head(policy.params, head)
+    loss, grads, _ = accumulate_grads(policy.graphdef, params, {k: jnp.asarray(v)[None] for k, v in batch.items()},
+                                      1, objective=M.PRM_MSE)
+    w = torch.tensor(np.asarray(head[M.HEAD_W])).requires_grad_(True)
+    b = torch.tensor(0.25, requires_grad=True)
+    scores = ref.hidden(batch, policy.config.image_token_id) @ w + b
+    lm = torch.tensor(batch["loss_mask"]).float()
+    want = (lm * (scores - torch.tensor(batch["targets"])) ** 2).sum() / lm.sum()
+    want.backward()
+    np.testing.assert_allclose(float(loss), want.item(), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads[M.HEAD_W]), w.grad.numpy(), rtol=1e-3, atol=1e-5)
+
+    prm = ProcessRewardModel(policy.loaded, head, policy.processor, step_rule="sentences", batch_rows=2,
+                             prompt_fn=lambda item: item["query"])
+    items = [{"query": "What is the sum?", "image": images(SIZES[:1])[0]},
+             {"query": "How many dots?", "image": images(SIZES[2:], seed=3)[0]}]
+    batched = prm.step_scores(items, [responses, responses[1:]])
+    assert [len(s) for s in batched[0]] == [3, 2]
+    for item, rs, got in zip(items, [responses, responses[1:]], batched):
+        for r, g in zip(rs, got):
+            np.testing.assert_allclose(g, prm.score_rows([item["query"]], [item["image"]], [r])[0], rtol=1e-5,
+                                       atol=1e-5)

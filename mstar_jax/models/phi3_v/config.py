@@ -99,12 +99,17 @@ def _read_json(path: Path) -> dict:
 
 
 def token_id(hf_dir: str | Path, token: str) -> int | None:
-    """The id of an added token from the tokenizer files' JSON (tokenizer.json or tokenizer_config.json), if any."""
+    """The id of a token from the tokenizer files' JSON (tokenizer.json's added tokens or vocabulary, or
+    tokenizer_config.json), if any."""
     d = Path(hf_dir)
     if (d / "tokenizer.json").is_file():
-        for t in _read_json(d / "tokenizer.json").get("added_tokens") or []:
+        tok = _read_json(d / "tokenizer.json")
+        for t in tok.get("added_tokens") or []:
             if isinstance(t, dict) and t.get("content") == token:
                 return int(t["id"])
+        vocab = (tok.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict) and token in vocab:
+            return int(vocab[token])
     if (d / "tokenizer_config.json").is_file():
         for i, t in (_read_json(d / "tokenizer_config.json").get("added_tokens_decoder") or {}).items():
             if isinstance(t, dict) and t.get("content") == token:
