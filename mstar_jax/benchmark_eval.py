@@ -94,6 +94,7 @@ def load_benchmark(data: str | Path, benchmark: str, *, root: str | Path | None 
     with what it assumed, goes to `log`.
     """
     from mstar_jax.data.readers import read_dataset
+    from mstar_jax.data.records import LoadReport
     from mstar_jax.evaluation import PERCEPTION_CATEGORIES, reasoning_subset
 
     fmt = benchmark_format(benchmark)
@@ -103,9 +104,19 @@ def load_benchmark(data: str | Path, benchmark: str, *, root: str | Path | None 
                          f"not {benchmark}")
     if limit is not None and limit < 1:
         raise MstarError(f"--limit must be >= 1, got {limit}")
-    path, split_filter = resolve_data(data, benchmark, split)
-    root = Path(root) if root is not None else path.parent
-    records, report = read_dataset(path, fmt, root=root, labeled=True)
+    from mstar_jax.data.sources import embedded_records, is_embedded_file_spec
+
+    if is_embedded_file_spec(str(data)):  # shards of `mstar data prepare` or tfds:NAME:SPLIT; --root: TFDS data dir
+        import tempfile
+
+        path, split_filter = Path(str(data)), split
+        records, root = embedded_records(str(data), Path(root) if root is not None else None,
+                                         Path(tempfile.gettempdir()) / "mstar-image-cache")
+        report = LoadReport(file=str(data), loaded=len(records))
+    else:
+        path, split_filter = resolve_data(data, benchmark, split)
+        root = Path(root) if root is not None else path.parent
+        records, report = read_dataset(path, fmt, root=root, labeled=True)
     if log:
         log(("warning: " if report.skipped else "read ") + report.summary())
     if split_filter is not None:

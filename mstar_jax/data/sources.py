@@ -63,7 +63,11 @@ class EmbeddedSource(Sequence):
             return [self[k] for k in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"{self.name}: index {i} out of range for {len(self)} records")
-        i = i % len(self)
+        rec, images = self.checked(i % len(self))
+        return Query(rec.id, tuple(self._cached(rel, data) for rel, data in zip(rec.images, images)), rec.to_item())
+
+    def checked(self, i: int) -> tuple[Record, list[bytes]]:
+        """Entry i, validated (DataError naming the file and record index otherwise)."""
         rec, images = self.entry(i)
         if not self.labeled and rec.answer is not None:
             rec = rec.unlabeled()
@@ -72,7 +76,15 @@ class EmbeddedSource(Sequence):
             problems.append(("malformed", f"{len(rec.images)} image paths but {len(images)} embedded images"))
         if problems:
             raise DataError(f"{self.where(i)} (id {rec.id!r}): " + "; ".join(f"{k}: {m}" for k, m in problems))
-        return Query(rec.id, tuple(self._cached(rel, data) for rel, data in zip(rec.images, images)), rec.to_item())
+        return rec, images
+
+    def record(self, i: int) -> Record:
+        """Entry i as a record whose image paths are relative to the cache folder (images written there)."""
+        import dataclasses
+
+        rec, images = self.checked(i)
+        names = [Path(self._cached(rel, data)).name for rel, data in zip(rec.images, images)]
+        return dataclasses.replace(rec, images=tuple(names))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -204,3 +216,14 @@ def open_queries(spec: str, *, root: Path | None, cache_dir: Path, labeled: bool
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     return ListSource(read_file(path, root if root is not None else path.parent, labeled), str(path))
+
+
+def is_embedded_file_spec(spec: str) -> bool:
+    """Whether a `--data` value names shards (a manifest) or a TFDS split rather than a dataset file."""
+    return spec.startswith(TFDS_PREFIX) or spec.endswith(MANIFEST_SUFFIX)
+
+
+def embedded_records(spec: str, data_dir: Path | None, cache_dir: Path) -> tuple[list[Record], Path]:
+    """Every record of a shard set (manifest) or TFDS split, and their root: the cache folder the images went to."""
+    source = open_queries(spec, root=data_dir, cache_dir=cache_dir, labeled=True, read_file=None)
+    return [source.record(i) for i in range(len(source))], source.cache_dir

@@ -88,15 +88,33 @@ def _split_sizes(cfg) -> dict[str, int | None]:
         return {k: int(cfg.data.synth_sizes[k]) for k in SPLITS if cfg.data.synth_sizes.get(k)}
     from mstar_jax.data.readers import read_dataset
 
+    from mstar_jax.data.sources import TFDS_PREFIX, is_shard_spec
+
     out = {}
     for split in SPLITS:
         path = cfg.data[split]
-        if path and Path(path).is_file():
+        if path and (path.startswith(TFDS_PREFIX) or is_shard_spec(path)):
+            out[split] = _source_size(path, cfg.data.root)
+        elif path and Path(path).is_file():
             records, _ = read_dataset(Path(path), root=Path(cfg.data.root) if cfg.data.root else Path(path).parent)
             out[split] = len(records)
         else:
             out[split] = None
     return out
+
+
+def _source_size(spec: str, root: str) -> int | None:
+    """Records in a shard set or TFDS split (None when it cannot be opened; the run names why)."""
+    import tempfile
+
+    from mstar_jax.data.sources import open_queries
+    from mstar_jax.errors import DataError
+
+    try:
+        return len(open_queries(spec, root=Path(root) if root else None, cache_dir=Path(tempfile.gettempdir()),
+                                labeled=True, read_file=None))
+    except DataError:
+        return None
 
 
 def _n(x) -> str:

@@ -166,3 +166,16 @@ def test_benchmark_builders_keep_what_the_readers_read(tmp_path, name, write, sp
     for k, rec in enumerate(records):
         got, images = source.entry(k)
         assert got == rec and images == [(download / rel).read_bytes() for rel in rec.images]
+
+
+def test_eval_reads_shards_and_tfds_like_the_file(data):
+    from mstar_jax.benchmark_eval import load_benchmark
+
+    def read(spec, root=None):
+        got = load_benchmark(spec, "mathvista", root=root)
+        return [(r.id, r.answer, [(got["root"] / p).read_bytes() for p in r.images]) for r in got["records"]]
+
+    ref = read(data / "synth" / "test_id.json")
+    assert len(ref) == 4
+    assert read(data / "shards" / "test_id.manifest.json") == ref
+    assert read("tfds:mstar_synth:test_id", data / "tfds") == ref
