@@ -143,6 +143,38 @@ def publish(path: str | Path, last: str | None = None) -> None:
             return
 
 
+def share(path: str | Path, last: str | None = None) -> None:
+    """Make a file or directory that only process 0 wrote (an HF export) readable by every process at the same
+    path: process 0 publishes it, all processes wait for each other, and in a remote workdir the others then
+    copy it from the remote into their own mirrors. One process: the same as `publish`."""
+    import jax
+
+    publish(path, last)
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    path = Path(path).absolute()
+    roots = [root for root in _OPEN if path.is_relative_to(root)]
+    name = path.relative_to(roots[0]).as_posix() if roots else path.name  # the mirrors differ per process
+    multihost_utils.sync_global_devices(f"mstar share {name}")  # process 0 has written and uploaded it
+    if _is_primary():
+        return
+    for root, wd in _OPEN.items():
+        if path.is_relative_to(root):
+            src = wd.remote / path.relative_to(root).as_posix()
+            try:
+                files = [src] if src.is_file() else list(_remote_files(src))
+                for f in files:
+                    dst = path / _relative(f, src) if f != src else path
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    with f.open("rb") as a, dst.open("wb") as b:
+                        shutil.copyfileobj(a, b, _CHUNK)
+            except Exception as err:
+                raise WorkdirError(f"{src}: cannot copy what process 0 wrote ({type(err).__name__}: {err})") from err
+            return
+
+
 def close_all() -> None:
     """Forget the open remote workdirs (their mirrors stay on disk until the next start-up)."""
     _OPEN.clear()

@@ -18,7 +18,7 @@ import numpy as np
 from mstar_jax.config import section_seed
 from mstar_jax.loop import prompts as P
 from mstar_jax.loop.rollouts import Query
-from mstar_jax.workdir import publish
+from mstar_jax.workdir import publish, share
 
 
 def corpus(queries: Sequence[Query]) -> list[str]:
@@ -84,8 +84,8 @@ def build_base_model(cfg, workdir: Path, pretrain_queries: Sequence[Query], log)
     state, metrics = trainer.fit(state, examples, epochs=epochs, seed=seed, desc="pre-training the base model")
     log(f"pre-trained the tiny base model: {metrics['train_steps']} steps, final mean loss {metrics['loss']:.3f}")
     loaded.params = state.params
-    export_hf(loaded, out, overwrite=True)
-    publish(out, last="config.json")
+    export_hf(loaded, out, overwrite=True)  # by process 0
+    share(out, last="config.json")  # every process loads it next
     return out
 
 

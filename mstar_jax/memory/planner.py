@@ -114,10 +114,12 @@ def fits(footprint: dict, usable: int) -> bool:
 def _proposals(base: Candidate) -> list[Candidate]:
     """Candidates in the order they cost throughput: more devices last; per device count, pure fsdp without
     remat, then dots, then full remat, then smaller micro-batches, then tensor parallelism."""
-    out = []
+    out, order = [], list(POLICIES)
     for growth in GROWTH:
         n = base.devices * growth
         for remat in POLICIES:
+            if growth == 1 and order.index(remat) < order.index(base.remat):
+                continue  # keeping more activations than the request on as many devices cannot need less
             out.append(dataclasses.replace(base, mesh=(1, n, 1), remat=remat))
         micro = base.micro_batch // 2
         while micro >= n and micro % n == 0 and base.global_batch % micro == 0:
