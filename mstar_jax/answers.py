@@ -469,7 +469,7 @@ def check_answer(response: str, item: dict, timeout: float = DEFAULT_TIMEOUT_S) 
 
 
 def _texts_match(pred: str, gold: str, pred_raw: str, gold_raw: str, timeout: float) -> bool:
-    """Free-form text: normalised string equality, equal numbers, then symbolic equivalence ("\frac{\sqrt{3}}{2}"
+    r"""Free-form text: normalised string equality, equal numbers, then symbolic equivalence ("\frac{\sqrt{3}}{2}"
     vs ...)."""
     if _norm_text(pred) == _norm_text(gold):
         return True
