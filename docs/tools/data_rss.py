@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+
+from mstar_jax.memory.measured import proc_status_bytes
 
 
 def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+    return proc_status_bytes("VmRSS") / 2**20
 
 
 def tiny_png(i: int) -> bytes:
@@ -120,7 +121,7 @@ def main() -> None:
     opened = rss_mb()
     run = SelfEvolvingRun.__new__(SelfEvolvingRun)  # only what the iteration's data path reads
     run.cfg, run.queries = cfg, splits["train"]
-    report = {"machine": f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+    report = {"machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
               "queries": len(run.queries), "source": repr(run.queries), "samples": args.samples,
               "data_written_s": round(made, 1), "rss_mb": {"after_imports": round(base, 1),
                                                           "after_opening_the_split": round(opened, 1)},
@@ -147,13 +148,7 @@ def main() -> None:
             "rss_mb_after_sampling": round(sampled, 1), "rss_mb_after_rollouts_written": round(written, 1),
             "rss_mb_after_iteration": round(rss_mb(), 1)})
         print(json.dumps(report["iterations"][-1]), flush=True)
-    report["peak_rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
-    try:
-        import resource
-
-        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    except ImportError:
-        pass
+    report["peak_rss_mb"] = round(proc_status_bytes("VmHWM") / 2**20, 1)
     print(json.dumps(report, indent=1))
 
 

@@ -27,7 +27,8 @@ from mstar_jax import sharding as shd
 CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
-def _rss(field: str) -> int:
+def proc_status_bytes(field: str) -> int:
+    """A byte count of this process from /proc/self/status (VmRSS, VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -78,13 +79,13 @@ def measure_peak(req) -> dict:
         gc.collect()
         _malloc_trim()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        base = _rss("VmRSS")
+        base = proc_status_bytes("VmRSS")
     live, batch = inputs()
     for _ in range(2):
         live, metrics = c.executable(live, batch)
         jax.block_until_ready((live, metrics))
     if cpu:
-        peak, method = (_rss("VmHWM") - base) // cand.devices, "resident memory (VmHWM)"
+        peak, method = (proc_status_bytes("VmHWM") - base) // cand.devices, "resident memory (VmHWM)"
     else:
         peak, method = max(d.memory_stats()["peak_bytes_in_use"] for d in c.mesh.devices.flat), "memory_stats"
     return {"measured_peak": int(peak), "method": method, "device_kind": jax.devices()[0].device_kind,
