@@ -173,11 +173,12 @@ def test_pickle_only_checkpoint_is_refused(tiny_models, tmp_path):
 
 
 def test_remote_code_model_type_is_refused(tiny_models, tmp_path):
+    """A model_type no family reads (here a remote-code one) is refused, never handed to trust_remote_code."""
     src = tmp_path / "src"
     shutil.copytree(tiny_models["clip_llama"][0], src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "minicpmv"
-    cfg["auto_map"] = {"AutoConfig": "configuration_minicpm.MiniCPMVConfig"}
+    cfg["model_type"] = "deepseek_vl_remote"
+    cfg["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekVLConfig"}
     (src / "config.json").write_text(json.dumps(cfg))
     assert "remote code" in expect_error(src, tmp_path / "out", "trust_remote_code|remote code")
 
