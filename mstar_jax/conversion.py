@@ -323,8 +323,11 @@ def save_converted(loaded: LoadedModel, out_dir: str | Path, overwrite: bool = F
     """Write `loaded` as a converted checkpoint: atomically on a local disk, description last on gs://.
 
     `extra_files` ({name: bytes}, e.g. a reward head) are written beside it, before the description."""
-    if _is_remote(out_dir):
-        return _save_in_place(loaded, _epath(out_dir), overwrite, extra_files)
+    if _is_remote(out_dir) or jax.process_count() > 1:
+        # Several processes write one Orbax directory: a per-process staging name cannot be shared, so a local
+        # (shared) disk uses the object store's protocol too.
+        out = _save_in_place(loaded, _epath(out_dir), overwrite, extra_files)
+        return out if _is_remote(out_dir) else Path(out_dir)
     with _Staging(out_dir, overwrite) as tmp:
         _write_converted(loaded, tmp, extra_files)
     return Path(out_dir)
@@ -341,6 +344,10 @@ def _save_in_place(loaded: LoadedModel, out, overwrite: bool, extra_files: dict[
 
         multihost_utils.sync_global_devices(f"mstar save_converted {out}")  # nobody writes before the removal
     _write_converted(loaded, out, extra_files)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"mstar saved_converted {out}")  # the description is written
     return out
 
 

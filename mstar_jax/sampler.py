@@ -355,6 +355,9 @@ class Sampler:
         from mstar_jax.conversion import family_of_config
 
         self.graphdef, self.config, self.processor, self.mesh = graphdef, config, processor, mesh
+        self._sizes = dict(max_rows=max_rows, min_prompt_bucket=min_prompt_bucket, min_new_bucket=min_new_bucket,
+                           stop_check_interval=stop_check_interval)
+        self._local: Sampler | None = None
         self.inputs = family_of_config(config).inputs  # the family's processor-batch <-> image-array glue
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_rows, self.min_prompt_bucket, self.min_new_bucket = max_rows, min_prompt_bucket, min_new_bucket
@@ -378,6 +381,26 @@ class Sampler:
     def sampling_params(self, params):
         """`params` cast to `param_dtype` (shardings kept; a new copy), or `params` itself."""
         return cast_params(params, self.param_dtype) if self.param_dtype else params
+
+    def process_local(self) -> "Sampler":
+        """A Sampler on this process's own devices, for work split between processes (rollout chunks): each
+        process then samples alone instead of in lockstep. With one process, this sampler itself."""
+        if jax.process_count() == 1 or self.mesh is None:
+            return self
+        if self._local is None:
+            tensor = self.mesh.shape["tensor"]
+            local = jax.local_devices()
+            mesh = shd.make_mesh(1, -1, tensor if len(local) % tensor == 0 else 1, local)
+            self._local = Sampler(self.graphdef, self.config, self.processor, mesh, **self._sizes)
+            self._local.param_dtype = self.param_dtype
+        return self._local
+
+    def adopt(self, params):
+        """`params` (on any mesh, e.g. the training mesh that spans every process) on this sampler's mesh."""
+        if self.mesh is None or all(getattr(a, "sharding", None) is not None and a.sharding.mesh == self.mesh
+                                    for a in params.values()):
+            return params
+        return shd.to_mesh(params, self.mesh)
 
     def compiled_shapes(self) -> int:
         """How many shapes the prefill and decode functions have compiled (bucketing keeps this small)."""

@@ -121,6 +121,22 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def to_mesh(params: dict, mesh: Mesh) -> dict:
+    """Flat params moved onto another mesh with the same partition specs (replicated where a mesh axis no longer
+    divides a dimension); arrays that span several processes are gathered to each host one at a time."""
+    from mstar_jax.io import to_host
+
+    out = {}
+    for path, a in params.items():
+        spec = getattr(a.sharding, "spec", PartitionSpec())
+        dims = []
+        for size, entry in zip(a.shape, tuple(spec) + (None,) * (a.ndim - len(spec))):
+            axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+            dims.append(entry if axes and size % math.prod(mesh.shape[x] for x in axes) == 0 else None)
+        out[path] = jax.device_put(to_host(a), NamedSharding(mesh, PartitionSpec(*dims)))
+    return out
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
     """Make `mesh` the target of `constrain` (and jax's abstract mesh) inside the block."""
@@ -151,7 +167,8 @@ def initialize_distributed() -> bool:
     """Call `jax.distributed.initialize` when launched as several processes; returns True if it did.
 
     Explicit settings come from MSTAR_COORDINATOR_ADDRESS / MSTAR_NUM_PROCESSES / MSTAR_PROCESS_ID (a GPU
-    launcher, the CPU tests); MSTAR_DISTRIBUTED=auto (set by `tpu_scripts/launch.sh`) lets jax read them from the
+    launcher, the CPU tests), with MSTAR_LOCAL_DEVICE_IDS and MSTAR_HEARTBEAT_TIMEOUT (seconds, jax's default 100)
+    optional; MSTAR_DISTRIBUTED=auto (set by `tpu_scripts/launch.sh`) lets jax read them from the
     TPU VM's metadata, as it also does where GKE sets TPU_WORKER_HOSTNAMES.
     """
     if getattr(initialize_distributed, "_done", False):
@@ -163,6 +180,8 @@ def initialize_distributed() -> bool:
         pid = int(os.environ["MSTAR_PROCESS_ID"])
         local = os.environ.get("MSTAR_LOCAL_DEVICE_IDS")
         kwargs = {"local_device_ids": [int(i) for i in local.split(",")]} if local else {}
+        if os.environ.get("MSTAR_HEARTBEAT_TIMEOUT"):  # how soon the others stop when one process dies
+            kwargs["heartbeat_timeout_seconds"] = int(os.environ["MSTAR_HEARTBEAT_TIMEOUT"])
         if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
             # CPU multi-process needs a collectives backend for cross-process computations.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -8,6 +8,9 @@ the old one. Every writer of the loop uploads what it has finished writing (`pub
 file, which GCS makes atomic, so the bucket never holds half a file. The Orbax directories (`checkpoints/`,
 `warmup_ckpt/`) are written to the remote directly (`durable`); they are never mirrored. Only process 0 uploads;
 every process pulls.
+
+Local workdir shared by several processes (`jax.distributed` on one machine or over NFS): process 0 works in the
+directory itself, every other process in a mirror of it as above, so only process 0 writes the workdir's files.
 """
 
 from __future__ import annotations
@@ -62,14 +65,34 @@ class Workdir:
         """The workdir for a path or URL; a remote one gets a fresh mirror, filled from the remote."""
         if isinstance(workdir, Workdir):
             return workdir
+        import jax
+
+        from mstar_jax import sharding
+
+        sharding.initialize_distributed()  # before jax.process_index(), which would start a single-process backend
         if not is_remote(workdir):
             local = Path(str(workdir).removeprefix("file://"))
-            local.mkdir(parents=True, exist_ok=True)
-            return cls(local)
-        url = str(workdir).rstrip("/")
-        wd = cls(mirror_dir(url), remote_path(url), url)
-        wd.pull()
-        _OPEN[wd.local.absolute()] = wd
+            if jax.process_count() == 1:
+                local.mkdir(parents=True, exist_ok=True)
+                return cls(local)
+            if _is_primary():
+                local.mkdir(parents=True, exist_ok=True)
+                wd = cls(local)
+            else:
+                # A disk every process sees (NFS, or one machine): only process 0 writes there, the others keep a
+                # private mirror of it as for gs://, so two hosts never write one file.
+                url = str(local.absolute())
+                wd = cls(mirror_dir(url), remote_path(url), url)
+        else:
+            url = str(workdir).rstrip("/")
+            wd = cls(mirror_dir(url), remote_path(url), url)
+        if wd.remote is not None:
+            wd.pull()
+            _OPEN[wd.local.absolute()] = wd
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"mstar workdir {wd.url}")  # all have pulled before anyone writes
         return wd
 
     @property
@@ -173,6 +196,17 @@ def share(path: str | Path, last: str | None = None) -> None:
             except Exception as err:
                 raise WorkdirError(f"{src}: cannot copy what process 0 wrote ({type(err).__name__}: {err})") from err
             return
+
+
+def journal_path(path: str | Path) -> Path:
+    """Where this process keeps a journal of its own (e.g. its rollout progress) for a file of the workdir: in
+    the shared directory itself when a non-primary process mirrors a local disk every process sees, so a rerun
+    finds it; else `path` (a gs:// mirror starts empty, and appends cannot go to an object store)."""
+    path = Path(path).absolute()
+    for root, wd in _OPEN.items():
+        if path.is_relative_to(root) and not is_remote(wd.url):
+            return Path(str(wd.remote)) / path.relative_to(root)
+    return path
 
 
 def close_all() -> None:

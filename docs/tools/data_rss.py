@@ -75,6 +75,12 @@ class StandIn:
     def sampling_params(self, params):
         return params
 
+    def process_local(self):
+        return self
+
+    def adopt(self, params):
+        return params
+
     def generate(self, params, images, prompts, *, n, seed, **kw):
         from mstar_jax.sampler import Sample
 

@@ -142,19 +142,23 @@ def sample_stream(sampler, params, queries: Sequence[Query], indices: Sequence[i
 
     from mstar_jax.faults import kill_point
     from mstar_jax.sampler import Sample
+    from mstar_jax.workdir import journal_path
 
     index, count = process_info()
     chunk = max(1, batch_size // max(1, n)) if temperature > 0 else batch_size
     part = [queries[i] for i in indices]
     key = progress_key(part, n=n, temperature=temperature, seed=seed, chunk=chunk, count=count,
                        max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k)
-    path = Path(progress_path)
+    path = journal_path(progress_path)
     progress = Progress(path.with_name(f"{path.stem}.p{index}.progress.jsonl"), key, say)
     it = chunk_iterator(chunk_dataset(queries, indices, chunk, index, count))
     state = progress.state or data_state
     if state is not None:
         it.set_state(state)
-    params = sampler.sampling_params(params)  # once per phase (e.g. the fp32 master weights as bf16)
+    # Each process samples its chunks alone, on its own devices: the params (cast once per phase, e.g. the fp32
+    # master weights as bf16) are gathered from the training mesh onto the process's devices.
+    sampler = sampler.process_local()
+    params = sampler.adopt(sampler.sampling_params(params))
     bar = tqdm(total=len(indices), initial=sum(len(s) for s in progress.chunks.values()), desc=desc, unit="q",
                leave=False)
     for element in it:

@@ -23,6 +23,12 @@ class SeededSampler:
     def sampling_params(self, params):
         return params
 
+    def process_local(self):
+        return self
+
+    def adopt(self, params):
+        return params
+
     def generate(self, params, images, prompts, **kw):
         if self.fail_after is not None and len(self.calls) == self.fail_after:
             raise KeyboardInterrupt("killed")

@@ -93,3 +93,55 @@ def differing_outputs(run: Path, reference: Path) -> list[str]:
 
     a, b = files(run), files(reference)
     return sorted((a ^ b) | {f for f in a & b if (run / f).read_bytes() != (reference / f).read_bytes()})
+
+
+def _close_json(a, b, where: str, out: list[str], rtol: float, atol: float) -> None:
+    """Differences between two JSON values: floats beyond the tolerance, anything else that is not equal."""
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            out.append(f"{where}: keys {sorted(a.keys() ^ b.keys())} in only one run")
+        for k in sorted(a.keys() & b.keys()):
+            _close_json(a[k], b[k], f"{where}.{k}", out, rtol, atol)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out.append(f"{where}: {len(a)} vs {len(b)} entries")
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_json(x, y, f"{where}[{i}]", out, rtol, atol)
+    elif isinstance(a, float) and isinstance(b, float):
+        if not (math.isnan(a) and math.isnan(b)) and not math.isclose(a, b, rel_tol=rtol, abs_tol=atol):
+            out.append(f"{where}: {a!r} vs {b!r}")
+    elif type(a) is not type(b) or a != b:
+        out.append(f"{where}: {a!r} vs {b!r}"[:400])
+
+
+def outputs_within(run: Path, reference: Path, rtol: float, atol: float) -> tuple[list[str], int]:
+    """(differences, number of files compared) of two runs whose floats may differ by rounding (another device
+    layout): JSON/JSONL values must be equal but for floats within rtol/atol, safetensors within atol, the rest
+    byte-identical."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    out: list[str] = []
+    for f in differing_outputs(run, reference):
+        a, b = reference / f, run / f
+        if not (a.is_file() and b.is_file()):
+            out.append(f"{f}: in only one run")
+        elif f.endswith(".safetensors"):
+            x, y = load_file(a), load_file(b)
+            if x.keys() != y.keys():
+                out.append(f"{f}: tensors {sorted(x.keys() ^ y.keys())} in only one run")
+            for k in sorted(x.keys() & y.keys()):
+                if x[k].shape != y[k].shape or not np.allclose(x[k], y[k], rtol=0, atol=atol):
+                    out.append(f"{f}: {k} differs beyond {atol}")
+        elif f.endswith((".json", ".jsonl")):
+            load = (lambda p: [json.loads(x) for x in p.read_text().splitlines()]) if f.endswith("l") else (
+                lambda p: json.loads(p.read_text()))
+            _close_json(load(a), load(b), f, out, rtol, atol)
+        else:
+            out.append(f"{f}: bytes differ")
+    compared = sum(1 for p in run.rglob("*") if p.is_file())
+    return out, compared
