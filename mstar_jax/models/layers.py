@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mstar_jax.models.cache import DenseLayer, KVCache, SharedLayer, shared_attention, write_dense
+from mstar_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -344,3 +345,16 @@ class ViTLayer(nnx.Module):
         v = self.v_proj(h).reshape(b, t, self.heads, hd)
         x = x + self.out_proj(dot_product_attention(q, k, v, None, hd ** -0.5).reshape(b, t, d))
         return x + self.fc2(activation(self.act)(self.fc1(self.layer_norm2(x))))
+
+
+def vocab_logits(h: Array, embed: Array, lm_head: Array | None, tied: bool) -> Array:
+    """fp32 vocabulary logits of decoder hidden states [..., D]: `h @ embed.T` when the head is tied to the
+    embeddings, else `h @ lm_head` ([D, V])."""
+    # One 2-D matmul over flattened rows (as Linear: keeps XLA:CPU's weight gradient transpose-free).
+    rows = h.reshape(-1, h.shape[-1])
+    if tied:
+        logits = jax.lax.dot_general(rows, embed.astype(h.dtype), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.dot(rows, lm_head.astype(h.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits.reshape(*h.shape[:-1], -1), ("batch", "seq", "act_vocab"))

@@ -175,14 +175,9 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def logits_from_hidden(self, h: Array) -> Array:
         """Vocabulary logits in fp32 from decoder hidden states."""
-        # One 2-D matmul over flattened rows (see L.Linear: keeps XLA:CPU's weight gradient transpose-free).
-        rows = h.reshape(-1, h.shape[-1])
-        if self.cfg.tie_word_embeddings:
-            w = self.language_model.embed_tokens[...].astype(h.dtype)
-            logits = jax.lax.dot_general(rows, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.dot(rows, self.lm_head.kernel[...].astype(h.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits.reshape(*h.shape[:-1], -1), ("batch", "seq", "act_vocab"))
+        tied = self.cfg.tie_word_embeddings
+        return L.vocab_logits(h, self.language_model.embed_tokens[...], None if tied else self.lm_head.kernel[...],
+                              tied)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, *, images: dict | None = None,
                  kv_valid: Array | None = None, cache: C.DenseCache | C.SharedPrefixCache | None = None,
