@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.loop.cli_helpers import ROOT, differing_outputs, mstar_env, outputs_within
+from tests.loop.cli_helpers import ROOT, copy_after_iteration, differing_outputs, mstar_env, outputs_within
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -100,12 +100,13 @@ def test_only_process_0_writes_the_workdir(two_process_run):
 
 
 def test_kill_9_of_one_process_stops_the_run_and_a_rerun_resumes(two_process_run, tmp_path):
-    """Process 1 is killed after sampling its chunk of iteration 1: process 0 stops (its collective fails) instead
-    of hanging; the rerun resumes from the iteration checkpoint and process 1's journal, and ends byte-identical
-    to the uninterrupted 2-process run."""
+    """Process 1 is killed after sampling its first chunk of iteration 1: process 0 stops (its collective fails)
+    instead of hanging; the rerun resumes from the iteration checkpoint and process 1's journal, and ends
+    byte-identical to the uninterrupted 2-process run. The killed run starts from that run's workdir as it was
+    after iteration 0 (the earlier stages are the first test's)."""
     reference, _ = two_process_run
-    workdir = tmp_path / "run"
-    (rc0, log0), (rc1, log1) = two_processes(workdir, tmp_path / "killed", kill_at="rollouts:2")
+    workdir = copy_after_iteration(reference, tmp_path / "run", 1)
+    (rc0, log0), (rc1, log1) = two_processes(workdir, tmp_path / "killed", kill_at="rollouts:1")
     assert rc1 == -signal.SIGKILL, log1[-3000:]
     assert rc0 != 0, log0[-3000:]
     assert (workdir / "rollouts" / "iter_0001.p1.progress.jsonl").is_file()
