@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava  # noqa: E402
 
+
+def pytest_configure(config):
+    """One compilation cache for every `mstar` subprocess of the run, set before pytest-xdist starts its workers
+    (they inherit it), so a worker loads what the other compiled (tests/loop/cli_helpers.py)."""
+    import tempfile
+
+    os.environ.setdefault("MSTAR_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="mstar-test-jax-cache-"))
+
 # The three families the foundation must cover, each with a different mix of options.
 SPECS = {
     # CLIP + Llama, untied head, Llama-3 rope scaling, CLS dropped ("default"), penultimate layer.
@@ -87,11 +95,23 @@ def kill_log(workdir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """(workdir, stdout) of one `mstar train --config smoke` run, shared by the session (loop and PRM tests)."""
+    """(workdir, stdout) of one `mstar train --config smoke` run, shared by the session (loop and PRM tests) and,
+    under pytest-xdist, by every worker: the first to need it runs it, the others wait and read it. Tests only
+    read it (those that rerun or damage a run work on a copy)."""
+    from filelock import FileLock
+
     from tests.loop.cli_helpers import mstar
 
-    workdir = tmp_path_factory.mktemp("smoke")
-    # Every kill point it passes is logged: what the fault campaign draws from.
-    proc = mstar("train", "--config", "smoke", "--workdir", str(workdir), MSTAR_KILL_LOG=str(kill_log(workdir)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, proc.stdout
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the directory every worker's basetemp is in
+    workdir, out = root / "smoke_shared" / "run", root / "smoke_shared" / "stdout.txt"
+    with FileLock(str(root / "smoke_shared.lock")):
+        if not out.exists():
+            workdir.parent.mkdir(exist_ok=True)
+            # Every kill point it passes is logged: what the fault campaign draws from.
+            proc = mstar("train", "--config", "smoke", "--workdir", str(workdir),
+                         MSTAR_KILL_LOG=str(kill_log(workdir)))
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            out.write_text(proc.stdout)
+    return workdir, out.read_text()

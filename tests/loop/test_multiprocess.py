@@ -18,6 +18,12 @@ from tests.loop.cli_helpers import ROOT, copy_after_iteration, differing_outputs
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 TRAIN = ("train", "--config", "smoke", "--workdir")
+
+
+def base_model(smoke_run) -> str:
+    """The session's smoke run's pre-trained base model, as `--config.model.path`: these runs start from a given
+    checkpoint, as a real run does, instead of pre-training the tiny base again on each layout."""
+    return f"--config.model.path={smoke_run[0] / 'base_hf'}"
 # What a process other than 0 may write in the shared workdir: its shards of the Orbax directories (every process
 # writes its own) and its own rollout-progress journal.
 OTHER_PROCESS_MAY_WRITE = ("checkpoints", "checkpoints/*", "warmup_ckpt", "warmup_ckpt/*", "prm/model", "prm/model/*",
@@ -30,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(workdir: Path, logs: Path, kill_at: str | None = None) -> list[tuple[int, str]]:
+def two_processes(workdir: Path, logs: Path, base: str, kill_at: str | None = None) -> list[tuple[int, str]]:
     """Run `mstar train --config smoke` as processes 0 and 1 of one jax.distributed job (2 CPU devices each),
     each under the write audit; (return code, output) per process. `kill_at` is process 1's MSTAR_KILL_AT."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -43,7 +49,7 @@ def two_processes(workdir: Path, logs: Path, kill_at: str | None = None) -> list
         out = open(logs / f"p{i}.log", "w")  # files, not pipes: a full pipe would stall one process of the pair
         procs.append((subprocess.Popen(
             [sys.executable, "-m", "tests.write_audit", str(logs / f"writes_p{i}.txt"), str(workdir), *TRAIN,
-             str(workdir)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True), out))
+             str(workdir), base], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True), out))
     results = []
     for proc, out in procs:
         try:
@@ -56,21 +62,21 @@ def two_processes(workdir: Path, logs: Path, kill_at: str | None = None) -> list
 
 
 @pytest.fixture(scope="module")
-def four_devices(tmp_path_factory) -> Path:
+def four_devices(tmp_path_factory, smoke_run) -> Path:
     """The smoke run as one process on 4 simulated CPU devices."""
     workdir = tmp_path_factory.mktemp("one_process") / "run"
-    proc = subprocess.run([sys.executable, "-m", "mstar_jax.cli", *TRAIN, str(workdir)], cwd=ROOT,
-                          env=mstar_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "mstar_jax.cli", *TRAIN, str(workdir), base_model(smoke_run)],
+                          cwd=ROOT, env=mstar_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> tuple[Path, Path]:
+def two_process_run(tmp_path_factory, smoke_run) -> tuple[Path, Path]:
     """(workdir, logs) of the smoke run as 2 processes x 2 devices."""
     root = tmp_path_factory.mktemp("two_processes")
-    results = two_processes(root / "run", root / "logs")
+    results = two_processes(root / "run", root / "logs", base_model(smoke_run))
     for i, (rc, log) in enumerate(results):
         assert rc == 0, f"process {i}:\n{log[-4000:]}"
     return root / "run", root / "logs"
@@ -99,18 +105,19 @@ def test_only_process_0_writes_the_workdir(two_process_run):
     assert len(mirror) == 1 and (mirror[0] / "report.md").is_file()  # where process 1's own copies went
 
 
-def test_kill_9_of_one_process_stops_the_run_and_a_rerun_resumes(two_process_run, tmp_path):
+def test_kill_9_of_one_process_stops_the_run_and_a_rerun_resumes(two_process_run, smoke_run, tmp_path):
     """Process 1 is killed after sampling its first chunk of iteration 1: process 0 stops (its collective fails)
     instead of hanging; the rerun resumes from the iteration checkpoint and process 1's journal, and ends
     byte-identical to the uninterrupted 2-process run. The killed run starts from that run's workdir as it was
     after iteration 0 (the earlier stages are the first test's)."""
     reference, _ = two_process_run
     workdir = copy_after_iteration(reference, tmp_path / "run", 1)
-    (rc0, log0), (rc1, log1) = two_processes(workdir, tmp_path / "killed", kill_at="rollouts:1")
+    (rc0, log0), (rc1, log1) = two_processes(workdir, tmp_path / "killed", base_model(smoke_run),
+                                                  kill_at="rollouts:1")
     assert rc1 == -signal.SIGKILL, log1[-3000:]
     assert rc0 != 0, log0[-3000:]
     assert (workdir / "rollouts" / "iter_0001.p1.progress.jsonl").is_file()
-    results = two_processes(workdir, tmp_path / "resumed")
+    results = two_processes(workdir, tmp_path / "resumed", base_model(smoke_run))
     for i, (rc, log) in enumerate(results):
         assert rc == 0, f"process {i}:\n{log[-4000:]}"
     log1 = results[1][1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -50,8 +52,9 @@ def test_smoke_run_writes_every_output(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_without_redoing_work(smoke_run):
-    workdir, _ = smoke_run
+def test_rerun_resumes_without_redoing_work(smoke_run, tmp_path):
+    # A copy: the shared run is every other test's reference (and other pytest-xdist workers read it).
+    workdir = Path(shutil.copytree(smoke_run[0], tmp_path / "run", copy_function=shutil.copy2))
     before = (workdir / "metrics.jsonl").read_text()
     rollouts = (workdir / "rollouts" / "iter_0000.jsonl").stat().st_mtime_ns
     proc = mstar("train", "--config", "smoke", "--workdir", str(workdir))
@@ -64,8 +67,8 @@ def test_rerun_resumes_without_redoing_work(smoke_run):
 
 
 @pytest.mark.slow
-def test_other_config_on_same_workdir_is_refused(smoke_run):
-    workdir, _ = smoke_run
+def test_other_config_on_same_workdir_is_refused(smoke_run, tmp_path):
+    workdir = Path(shutil.copytree(smoke_run[0], tmp_path / "run"))
     proc = mstar("train", "--config", "smoke", "--workdir", str(workdir), "--config.train.lr=0.5")
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr and "different config" in proc.stderr
