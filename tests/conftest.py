@@ -14,11 +14,9 @@ from mstar_jax.models.llava.tiny import TinySpec, make_tiny_llava  # noqa: E402
 
 
 def pytest_configure(config):
-    """One compilation cache for every `mstar` subprocess of the run, set before pytest-xdist starts its workers
-    (they inherit it), so a worker loads what the other compiled (tests/loop/cli_helpers.py)."""
-    import tempfile
-
-    os.environ.setdefault("MSTAR_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="mstar-test-jax-cache-"))
+    """Choose the `mstar` subprocesses' compilation cache (tests/loop/cli_helpers.py sets MSTAR_TEST_JAX_CACHE on
+    import) before pytest-xdist starts its workers: they inherit it, so a worker loads what the other compiled."""
+    import tests.loop.cli_helpers  # noqa: F401
 
 # The three families the foundation must cover, each with a different mix of options.
 SPECS = {

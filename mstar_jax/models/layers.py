@@ -347,12 +347,12 @@ class ViTLayer(nnx.Module):
         return x + self.fc2(activation(self.act)(self.fc1(self.layer_norm2(x))))
 
 
-def vocab_logits(h: Array, embed: Array, lm_head: Array | None, tied: bool) -> Array:
-    """fp32 vocabulary logits of decoder hidden states [..., D]: `h @ embed.T` when the head is tied to the
-    embeddings, else `h @ lm_head` ([D, V])."""
+def vocab_logits(h: Array, embed: Array, lm_head: Array | None) -> Array:
+    """fp32 vocabulary logits of decoder hidden states [..., D]: `h @ lm_head` ([D, V]), or `h @ embed.T` when
+    there is no head of its own (tied to the embeddings)."""
     # One 2-D matmul over flattened rows (as Linear: keeps XLA:CPU's weight gradient transpose-free).
     rows = h.reshape(-1, h.shape[-1])
-    if tied:
+    if lm_head is None:
         logits = jax.lax.dot_general(rows, embed.astype(h.dtype), (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32)
     else:

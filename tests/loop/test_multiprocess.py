@@ -19,15 +19,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 TRAIN = ("train", "--config", "smoke", "--workdir")
 
+# What a process other than 0 may write in the shared workdir: its shards of the Orbax directories (every process
+# writes its own) and its own rollout-progress journal.
+OTHER_PROCESS_MAY_WRITE = ("checkpoints", "checkpoints/*", "warmup_ckpt", "warmup_ckpt/*", "prm/model", "prm/model/*",
+                           "prm/ckpt", "prm/ckpt/*", "rollouts", "rollouts/iter_*.p1.progress.jsonl")
+
 
 def base_model(smoke_run) -> str:
     """The session's smoke run's pre-trained base model, as `--config.model.path`: these runs start from a given
     checkpoint, as a real run does, instead of pre-training the tiny base again on each layout."""
     return f"--config.model.path={smoke_run[0] / 'base_hf'}"
-# What a process other than 0 may write in the shared workdir: its shards of the Orbax directories (every process
-# writes its own) and its own rollout-progress journal.
-OTHER_PROCESS_MAY_WRITE = ("checkpoints", "checkpoints/*", "warmup_ckpt", "warmup_ckpt/*", "prm/model", "prm/model/*",
-                           "prm/ckpt", "prm/ckpt/*", "rollouts", "rollouts/iter_*.p1.progress.jsonl")
 
 
 def _free_port() -> int:
@@ -38,7 +39,8 @@ def _free_port() -> int:
 
 def two_processes(workdir: Path, logs: Path, base: str, kill_at: str | None = None) -> list[tuple[int, str]]:
     """Run `mstar train --config smoke` as processes 0 and 1 of one jax.distributed job (2 CPU devices each),
-    each under the write audit; (return code, output) per process. `kill_at` is process 1's MSTAR_KILL_AT."""
+    each under the write audit, from the model override `base`; (return code, output) per process. `kill_at` is
+    process 1's MSTAR_KILL_AT."""
     logs.mkdir(parents=True, exist_ok=True)
     port, procs = _free_port(), []
     for i in range(2):
@@ -112,8 +114,7 @@ def test_kill_9_of_one_process_stops_the_run_and_a_rerun_resumes(two_process_run
     after iteration 0 (the earlier stages are the first test's)."""
     reference, _ = two_process_run
     workdir = copy_after_iteration(reference, tmp_path / "run", 1)
-    (rc0, log0), (rc1, log1) = two_processes(workdir, tmp_path / "killed", base_model(smoke_run),
-                                                  kill_at="rollouts:1")
+    (rc0, log0), (rc1, log1) = two_processes(workdir, tmp_path / "killed", base_model(smoke_run), "rollouts:1")
     assert rc1 == -signal.SIGKILL, log1[-3000:]
     assert rc0 != 0, log0[-3000:]
     assert (workdir / "rollouts" / "iter_0001.p1.progress.jsonl").is_file()

@@ -176,9 +176,8 @@ class InternVLForConditionalGeneration(nnx.Module):
 
     def logits_from_hidden(self, h: Array) -> Array:
         """Vocabulary logits in fp32 from decoder hidden states."""
-        tied = self.cfg.tie_word_embeddings
-        return L.vocab_logits(h, self.language_model.embed_tokens[...], None if tied else self.lm_head.kernel[...],
-                              tied)
+        head = None if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
+        return L.vocab_logits(h, self.language_model.embed_tokens[...], head)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, *, images: dict | None = None,
                  kv_valid: Array | None = None, cache: C.DenseCache | C.SharedPrefixCache | None = None,
