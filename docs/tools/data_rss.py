@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def main() -> None:
     made = time.time() - t0
     base = rss_mb()
     run_dir = out / f"run-{args.source}"
+    # A journal left by an earlier run would be resumed instead of sampled, leaving nothing to measure.
+    shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config("smoke", ["--config.data.source=files", f"--config.data.train={spec}",
                                 f"--config.data.test_id={out / 'json' / 'test.json'}", "--config.model.path=unused",
                                 f"--config.train.interval={args.interval}"])
