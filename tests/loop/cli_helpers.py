@@ -22,6 +22,8 @@ JAX_CACHE = os.environ.setdefault("MSTAR_TEST_JAX_CACHE", tempfile.mkdtemp(prefi
 def mstar_env(**extra_env) -> dict:
     """The environment of an `mstar` subprocess: the source tree, CPU, the shared compilation cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("MSTAR_KILL_AT", "MSTAR_KILL_LOG")}
+    if "XLA_FLAGS" in extra_env:  # added to the session's flags (conftest.TEST_XLA_FLAGS), not replacing them
+        extra_env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra_env['XLA_FLAGS']}".strip()
     env.update({"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                 **extra_env})
