@@ -29,7 +29,7 @@ HEADER = ("| preset | target | state per device (GiB) | train step / rollouts pe
           "| verdict |\n| --- | --- | --- | --- | --- | --- |")
 
 
-def row_markdown(row: dict, max_compiles: int) -> str:
+def row_markdown(row: dict) -> str:
     """One table row from a plan: the state (fp32 weights, Adam moments, fp32 gradients: exact, whatever the
     schedule), the compiled peaks, the device's usable memory and the verdict."""
     fp, req = row["footprint"], row["request"]
@@ -43,9 +43,8 @@ def row_markdown(row: dict, max_compiles: int) -> str:
     elif state > row["usable_bytes"]:
         verdict = "does not fit: the state alone is more than the usable memory; needs more devices"
     else:
-        verdict = f"does not fit; nothing found within {max_compiles} compile(s)"
-    n = req["num_devices"]
-    return (f"| {row['preset']} | {row['target']} (fsdp={n}, remat {req['remat']}, micro-batch {req['micro_batch']}) "
+        verdict = f"does not fit; nothing found within {req['max_compiles']} compile(s)"
+    return (f"| {row['preset']} | {row['target']} (fsdp={req['mesh'][1]}, remat {req['remat']}, micro-batch {req['micro_batch']}) "
             f"| {state / GIB:.1f} | {fp['train_peak'] / GIB:.1f} / {fp['rollout_peak'] / GIB:.1f} | "
             f"{row['usable_bytes'] / GIB:.1f} of {row['hbm_bytes'] / GIB:.1f} | {verdict} |")
 
@@ -64,7 +63,7 @@ def main() -> int:
     if args.source:
         with open(args.source) as f:
             for row in json.load(f):
-                print(row_markdown(row, row["request"]["max_compiles"]))
+                print(row_markdown(row))
         return 0
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mstar-plan-cache-"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -75,7 +74,7 @@ def main() -> int:
             req = Request(preset, (1, n, 1), args.global_batch, args.seq_len, device=dev, num_devices=n,
                           processes=1, micro_batch=n, remat="full", max_compiles=args.max_compiles)
             rows.append({"preset": preset, "target": label, **plan(req)})
-            print(row_markdown(rows[-1], args.max_compiles), flush=True)
+            print(row_markdown(rows[-1]), flush=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(rows, f, indent=1)
