@@ -44,8 +44,8 @@ def row_markdown(row: dict) -> str:
         verdict = "does not fit: the state alone is more than the usable memory; needs more devices"
     else:
         verdict = f"does not fit; nothing found within {req['max_compiles']} compile(s)"
-    return (f"| {row['preset']} | {row['target']} (fsdp={req['mesh'][1]}, remat {req['remat']}, micro-batch {req['micro_batch']}) "
-            f"| {state / GIB:.1f} | {fp['train_peak'] / GIB:.1f} / {fp['rollout_peak'] / GIB:.1f} | "
+    return (f"| {row['preset']} | {row['target']} (fsdp={req['mesh'][1]}, remat {req['remat']}, "
+            f"micro-batch {req['micro_batch']}) | {state / GIB:.1f} | {fp['train_peak'] / GIB:.1f} / {fp['rollout_peak'] / GIB:.1f} | "
             f"{row['usable_bytes'] / GIB:.1f} of {row['hbm_bytes'] / GIB:.1f} | {verdict} |")
 
 
